@@ -1,0 +1,443 @@
+//! aiguard's XDP program: parse, look up, count, decide.
+//!
+//! Order of checks for a packet whose source address could be read:
+//! allowlist (pass) -> active ban (drop, or count only when shadow) -> per-source bucket on the
+//! configured destination ports (drop when empty) -> pass.
+//! Whatever cannot be parsed far enough to decide passes and is counted: the program never
+//! drops what it did not match.
+#![no_std]
+#![no_main]
+// The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` does not exist there; the
+// intrinsic lowers to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd is the only way to emit BPF_ATOMIC add")]
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem,
+};
+
+use aiguard_common::{
+    AllowEntry, BAN_ENTRY_HITS_OFFSET, BAN_FLAG_SHADOW, BanEntry, BucketState, CFG_ALL_PORTS,
+    CFG_RATE_LIMIT, CFG_SYN_ONLY, DEFAULT_BUCKET_ENTRIES, DEFAULT_MAX_BANS, IFACE_STAT_SLOTS,
+    IFINDEX_SLOTS, MAX_ALLOW, PORT_SLOTS, XdpConfig, stat,
+};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_boot_ns,
+    macros::{map, xdp},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use aya_log_ebpf::info;
+
+// Maps are pinned by name so that a restarted daemon adopts them (and the bans in them).
+#[map]
+static BANS_V4: LpmTrie<[u8; 4], BanEntry> = LpmTrie::pinned(DEFAULT_MAX_BANS, 0);
+#[map]
+static BANS_V6: LpmTrie<[u8; 16], BanEntry> = LpmTrie::pinned(DEFAULT_MAX_BANS, 0);
+#[map]
+static ALLOW_V4: LpmTrie<[u8; 4], AllowEntry> = LpmTrie::pinned(MAX_ALLOW, 0);
+#[map]
+static ALLOW_V6: LpmTrie<[u8; 16], AllowEntry> = LpmTrie::pinned(MAX_ALLOW, 0);
+#[map]
+static BUCKETS_V4: LruHashMap<[u8; 4], BucketState> =
+    LruHashMap::pinned(DEFAULT_BUCKET_ENTRIES, 0);
+#[map]
+static BUCKETS_V6: LruHashMap<[u8; 16], BucketState> =
+    LruHashMap::pinned(DEFAULT_BUCKET_ENTRIES, 0);
+#[map]
+static CONFIG: Array<XdpConfig> = Array::pinned(1, 0);
+#[map]
+static RATE_PORTS: Array<u32> = Array::pinned(PORT_SLOTS, 0);
+#[map]
+static IFACE_SLOT: Array<u32> = Array::pinned(IFINDEX_SLOTS, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(IFACE_STAT_SLOTS * stat::COUNT, 0);
+
+const ETH_HDR_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HDR_LEN: usize = 40;
+/// IPv6 extension headers walked before giving up on finding the transport header.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+#[derive(Clone, Copy)]
+enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// What the transport header told us.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// TCP or UDP with a readable destination port.
+    Ports { dport: u16, tcp_syn: bool },
+    /// Parsed, but a protocol without ports (ICMP, GRE, ...).
+    Other,
+    /// Could not be read: truncated, or a non-first fragment.
+    Unparsed,
+}
+
+enum Parsed {
+    NonIp,
+    Unparsed,
+    Ip(Source, Transport),
+}
+
+#[xdp]
+pub fn aiguard_xdp(ctx: XdpContext) -> u32 {
+    let slot = iface_slot(&ctx);
+    let (action, counter) = decide(&ctx, slot);
+    count(slot, counter);
+    action
+}
+
+fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
+    let (src, transport) = match parse(ctx) {
+        Parsed::NonIp => return (xdp_action::XDP_PASS, stat::NON_IP),
+        Parsed::Unparsed => return (xdp_action::XDP_PASS, stat::UNPARSED),
+        Parsed::Ip(src, transport) => (src, transport),
+    };
+
+    if is_allowlisted(src) {
+        return (xdp_action::XDP_PASS, stat::ALLOWLISTED);
+    }
+
+    let mut now = 0u64;
+    if let Some(ban) = ban_for(src) {
+        now = boot_ns();
+        if ban.expires_boot_ns == 0 || now < ban.expires_boot_ns {
+            record_hit(ctx, ban, src);
+            if ban.flags & BAN_FLAG_SHADOW == 0 {
+                return (xdp_action::XDP_DROP, stat::DROP_BANNED);
+            }
+            count(slot, stat::SHADOW);
+        }
+    }
+
+    if let Some(cfg) = CONFIG.get(0)
+        && bucket_applies(cfg, transport)
+    {
+        if now == 0 {
+            now = boot_ns();
+        }
+        if !take_token(cfg, src, now) {
+            return (xdp_action::XDP_DROP, stat::DROP_RATE);
+        }
+    }
+
+    match transport {
+        Transport::Unparsed => (xdp_action::XDP_PASS, stat::UNPARSED),
+        _ => (xdp_action::XDP_PASS, stat::PASSED),
+    }
+}
+
+#[inline(always)]
+fn boot_ns() -> u64 {
+    // SAFETY: a helper without arguments, available to XDP programs since Linux 5.8.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+#[inline(always)]
+fn iface_slot(ctx: &XdpContext) -> u32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    if ifindex < IFINDEX_SLOTS {
+        match IFACE_SLOT.get(ifindex) {
+            Some(&slot) if slot < IFACE_STAT_SLOTS => slot,
+            _ => 0,
+        }
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn count(slot: u32, counter: u32) {
+    if let Some(c) = STATS.get_ptr_mut(slot * stat::COUNT + counter) {
+        // SAFETY: per-CPU slot, nothing else writes it while this program runs on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_allowlisted(src: Source) -> bool {
+    match src {
+        Source::V4(a) => ALLOW_V4.get(Key::new(32, a)).is_some(),
+        Source::V6(a) => ALLOW_V6.get(Key::new(128, a)).is_some(),
+    }
+}
+
+#[inline(always)]
+fn ban_for(src: Source) -> Option<&'static BanEntry> {
+    match src {
+        Source::V4(a) => BANS_V4.get(Key::new(32, a)),
+        Source::V6(a) => BANS_V6.get(Key::new(128, a)),
+    }
+}
+
+/// Counts a match on the ban's own counter; logs the first one so the operator sees a ban bite.
+#[inline(always)]
+fn record_hit(ctx: &XdpContext, ban: &BanEntry, src: Source) {
+    let hits = (ban as *const BanEntry as usize + BAN_ENTRY_HITS_OFFSET) as *mut u64;
+    // SAFETY: `hits` points at the 8-byte aligned `hits` field of a live map value; the kernel
+    // keeps the value alive for the duration of the program, and every writer adds atomically.
+    if unsafe { hits.read_volatile() } == 0 {
+        match src {
+            Source::V4(a) => info!(ctx, "ban matched its first packet, from {:i}", a),
+            Source::V6(a) => info!(ctx, "ban matched its first packet, from {:i}", a),
+        }
+    }
+    // SAFETY: as above.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
+}
+
+#[inline(always)]
+fn bucket_applies(cfg: &XdpConfig, transport: Transport) -> bool {
+    if cfg.flags & CFG_RATE_LIMIT == 0 {
+        return false;
+    }
+    let syn_only = cfg.flags & CFG_SYN_ONLY != 0;
+    let all_ports = cfg.flags & CFG_ALL_PORTS != 0;
+    match transport {
+        Transport::Ports { dport, tcp_syn } => {
+            if syn_only && !tcp_syn {
+                return false;
+            }
+            all_ports || matches!(RATE_PORTS.get(dport as u32), Some(&v) if v != 0)
+        }
+        Transport::Other => all_ports && !syn_only,
+        Transport::Unparsed => false,
+    }
+}
+
+/// GCRA: a packet conforms when the theoretical arrival time is at most `tolerance` ahead.
+#[inline(always)]
+fn take_token(cfg: &XdpConfig, src: Source, now: u64) -> bool {
+    let fresh = BucketState {
+        tat_ns: now + cfg.emission_ns,
+    };
+    let state = match src {
+        Source::V4(a) => {
+            let key = mask_v4(a, cfg);
+            match BUCKETS_V4.get_ptr_mut(key) {
+                Some(p) => p,
+                None => {
+                    let _ = BUCKETS_V4.insert(key, fresh, 0);
+                    return true;
+                }
+            }
+        }
+        Source::V6(a) => {
+            let key = mask_v6(a, cfg);
+            match BUCKETS_V6.get_ptr_mut(key) {
+                Some(p) => p,
+                None => {
+                    let _ = BUCKETS_V6.insert(key, fresh, 0);
+                    return true;
+                }
+            }
+        }
+    };
+    // SAFETY: pointer to a live LRU map value. Two CPUs may race on one source's state; the
+    // bucket is coarse by design and a lost update only lets one extra packet through.
+    unsafe {
+        let tat = if (*state).tat_ns > now {
+            (*state).tat_ns
+        } else {
+            now
+        };
+        if tat - now > cfg.tolerance_ns {
+            return false;
+        }
+        (*state).tat_ns = tat + cfg.emission_ns;
+    }
+    true
+}
+
+#[inline(always)]
+fn mask_v4(a: [u8; 4], cfg: &XdpConfig) -> [u8; 4] {
+    (u32::from_ne_bytes(a) & cfg.v4_mask).to_ne_bytes()
+}
+
+#[inline(always)]
+fn mask_v6(a: [u8; 16], cfg: &XdpConfig) -> [u8; 16] {
+    let hi = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) & cfg.v6_mask[0];
+    let lo =
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]) & cfg.v6_mask[1];
+    let (hi, lo) = (hi.to_ne_bytes(), lo.to_ne_bytes());
+    [
+        hi[0], hi[1], hi[2], hi[3], hi[4], hi[5], hi[6], hi[7], lo[0], lo[1], lo[2], lo[3], lo[4],
+        lo[5], lo[6], lo[7],
+    ]
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at offset lie inside the packet.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn read_u16_be(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    read::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+}
+
+fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(mut ethertype) = read_u16_be(ctx, 12) else {
+        return Parsed::Unparsed;
+    };
+    let mut offset = ETH_HDR_LEN;
+    // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
+    for _ in 0..2 {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = read_u16_be(ctx, offset + 2) else {
+            return Parsed::Unparsed;
+        };
+        ethertype = inner;
+        offset += 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, offset),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset),
+        // A third VLAN tag is more than this program reads: it cannot tell what is inside.
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::Unparsed,
+        _ => Parsed::NonIp,
+    }
+}
+
+fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
+    let Some(vihl) = read::<u8>(ctx, offset) else {
+        return Parsed::Unparsed;
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Parsed::Unparsed;
+    }
+    // The whole header (with options) must be present before we trust the source.
+    if ptr_at::<u8>(ctx, offset + ihl - 1).is_none() {
+        return Parsed::Unparsed;
+    }
+    let (Some(frag), Some(proto), Some(src)) = (
+        read_u16_be(ctx, offset + 6),
+        read::<u8>(ctx, offset + 9),
+        read::<[u8; 4]>(ctx, offset + 12),
+    ) else {
+        return Parsed::Unparsed;
+    };
+    let src = Source::V4(src);
+    if frag & 0x1fff != 0 {
+        // Beyond the first fragment there is no transport header.
+        return Parsed::Ip(src, Transport::Unparsed);
+    }
+    Parsed::Ip(src, parse_transport(ctx, proto, offset + ihl))
+}
+
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
+    let Some(first) = read::<u8>(ctx, offset) else {
+        return Parsed::Unparsed;
+    };
+    if first >> 4 != 6 || ptr_at::<[u8; IPV6_HDR_LEN]>(ctx, offset).is_none() {
+        return Parsed::Unparsed;
+    }
+    let (Some(mut next), Some(src)) = (
+        read::<u8>(ctx, offset + 6),
+        read::<[u8; 16]>(ctx, offset + 8),
+    ) else {
+        return Parsed::Unparsed;
+    };
+    // An IPv4-mapped source (::ffff:a.b.c.d) is the IPv4 host it stands for.
+    let src = if src[..10] == [0u8; 10] && src[10] == 0xff && src[11] == 0xff {
+        Source::V4([src[12], src[13], src[14], src[15]])
+    } else {
+        Source::V6(src)
+    };
+
+    let mut at = offset + IPV6_HDR_LEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
+            0 | 43 | 60 => {
+                let (Some(nh), Some(len)) = (read::<u8>(ctx, at), read::<u8>(ctx, at + 1)) else {
+                    return Parsed::Ip(src, Transport::Unparsed);
+                };
+                next = nh;
+                at += (len as usize + 1) * 8;
+            }
+            // Fragment header: only the first fragment carries the transport header.
+            44 => {
+                let (Some(nh), Some(off)) = (read::<u8>(ctx, at), read_u16_be(ctx, at + 2)) else {
+                    return Parsed::Ip(src, Transport::Unparsed);
+                };
+                if off & 0xfff8 != 0 {
+                    return Parsed::Ip(src, Transport::Unparsed);
+                }
+                next = nh;
+                at += 8;
+            }
+            // Authentication header: length in 4-octet units, minus two.
+            51 => {
+                let (Some(nh), Some(len)) = (read::<u8>(ctx, at), read::<u8>(ctx, at + 1)) else {
+                    return Parsed::Ip(src, Transport::Unparsed);
+                };
+                next = nh;
+                at += (len as usize + 2) * 4;
+            }
+            _ => return Parsed::Ip(src, parse_transport(ctx, next, at)),
+        }
+    }
+    Parsed::Ip(src, Transport::Unparsed)
+}
+
+#[inline(always)]
+fn parse_transport(ctx: &XdpContext, proto: u8, at: usize) -> Transport {
+    match proto {
+        IPPROTO_TCP => {
+            // Flags sit at byte 13; requiring them also requires the ports.
+            match (read_u16_be(ctx, at + 2), read::<u8>(ctx, at + 13)) {
+                (Some(dport), Some(flags)) => Transport::Ports {
+                    dport,
+                    tcp_syn: flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0,
+                },
+                _ => Transport::Unparsed,
+            }
+        }
+        IPPROTO_UDP => match (read_u16_be(ctx, at + 2), ptr_at::<[u8; 8]>(ctx, at)) {
+            (Some(dport), Some(_)) => Transport::Ports {
+                dport,
+                tcp_syn: false,
+            },
+            _ => Transport::Unparsed,
+        },
+        _ => Transport::Other,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
