@@ -1,0 +1,322 @@
+//! `cargo xtask setup`: bring a fresh machine to where aiguard builds and its tests run.
+//!
+//! Each step checks before it acts, so a second run is quick (no network, no `apt-get update`)
+//! and changes nothing. Only the steps that have something to do need root.
+
+use std::{
+    env, fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{run_checked, stdout_of, workspace_root};
+
+/// The toolchain that builds the eBPF crate. The plain name, never a dated one: with
+/// `RUSTUP_AUTO_INSTALL=0` a dated name would be a toolchain that is not there.
+pub(crate) const NIGHTLY: &str = "nightly";
+
+/// `rust-src` for `-Z build-std=core`; `llvm-tools` (LLVM's tools at the nightly's own LLVM
+/// version) completes the set verified to build aya eBPF crates.
+const EBPF_COMPONENTS: &[&str] = &["rust-src", "llvm-tools"];
+
+/// What `cargo xtask test` runs before the tests, on both toolchains (stable for the host
+/// crates, nightly for the eBPF crate).
+const LINT_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
+
+/// The bpf-linker release known to work with aya 0.14 and the nightly's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the tests and benchmarks call, with what they are needed for.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip: network namespaces and veth pairs"),
+    ("nftables", "nft"),
+    ("ipset", "ipset"),
+    ("iptables", "iptables"),
+    ("netsniff-ng", "trafgen: packet floods for the benchmarks"),
+    ("ethtool", "ethtool: NIC and veth settings"),
+    ("util-linux", "nsenter: commands inside a test namespace"),
+];
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    ensure_ebpf_toolchain()?;
+    ensure_rust_components(None, LINT_COMPONENTS)?;
+    ensure_rust_components(Some(NIGHTLY), LINT_COMPONENTS)?;
+    ensure_debian_packages()?;
+    ensure_bpffs()?;
+    eprintln!("setup: done in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// What building the eBPF crate needs (nightly's `rust-src`, `llvm-tools`, bpf-linker). None of
+/// it needs root, so `build-ebpf` calls this alone.
+pub(crate) fn ensure_ebpf_toolchain() -> Result<()> {
+    ensure_rust_components(Some(NIGHTLY), EBPF_COMPONENTS)?;
+    ensure_bpf_linker()
+}
+
+/// Adds the `wanted` rustup components to `toolchain` (the workspace's own toolchain when
+/// `None`) unless they are all there already.
+fn ensure_rust_components(toolchain: Option<&str>, wanted: &[&str]) -> Result<()> {
+    let label = toolchain.unwrap_or("workspace toolchain");
+    let mut list = Command::new("rustup");
+    list.args(["component", "list", "--installed"]);
+    toolchain_arg(&mut list, toolchain);
+    let installed = stdout_of(list.current_dir(workspace_root()))
+        .with_context(|| format!("listing the rust components of {label}"))?;
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|component| {
+            !installed
+                .lines()
+                .any(|line| is_component(line.trim(), component))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!(
+            "setup: rust components {} ({label}): installed",
+            wanted.join(", ")
+        );
+        return Ok(());
+    }
+    let mut add = Command::new("rustup");
+    add.args(["component", "add"]).args(&missing);
+    toolchain_arg(&mut add, toolchain);
+    run_checked(add.current_dir(workspace_root()))
+        .with_context(|| format!("adding rust components to {label}"))
+}
+
+fn toolchain_arg(cmd: &mut Command, toolchain: Option<&str>) {
+    if let Some(toolchain) = toolchain {
+        cmd.args(["--toolchain", toolchain]);
+    }
+}
+
+/// rustup lists most components with the host triple appended (`clippy-x86_64-unknown-linux-gnu`)
+/// but target-independent ones bare (`rust-src`).
+fn is_component(listed: &str, component: &str) -> bool {
+    listed
+        .strip_prefix(component)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
+
+/// Installs bpf-linker, built against the nightly toolchain's own libLLVM: it must read the
+/// bitcode that this rustc emits, and Debian's LLVM is older. Skipped when the right version
+/// already runs (which also proves it still finds its libLLVM).
+fn ensure_bpf_linker() -> Result<()> {
+    // With CARGO_INSTALL_ROOT set, `cargo install` puts it there: check that copy, not whatever
+    // PATH finds, or an existing one elsewhere would make the install never happen.
+    let install_root = env::var_os("CARGO_INSTALL_ROOT").map(PathBuf::from);
+    let linker = match &install_root {
+        Some(root) => root.join("bin/bpf-linker"),
+        None => PathBuf::from("bpf-linker"),
+    };
+    if bpf_linker_version(&linker).as_deref() == Some(BPF_LINKER_VERSION) {
+        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION}: installed");
+        return Ok(());
+    }
+    install_bpf_linker()?;
+
+    let installed = bpf_linker_version(&linker);
+    if installed.as_deref() != Some(BPF_LINKER_VERSION) {
+        bail!(
+            "installed bpf-linker {BPF_LINKER_VERSION} but `{} --version` reports {installed:?}",
+            linker.display()
+        );
+    }
+    // rustc looks bpf-linker up on PATH when it links for bpfel-unknown-none.
+    if bpf_linker_version(Path::new("bpf-linker")).as_deref() != Some(BPF_LINKER_VERSION) {
+        eprintln!(
+            "setup: warning: the bpf-linker found on PATH is not {}; put its directory first in PATH",
+            linker.display()
+        );
+    }
+    Ok(())
+}
+
+/// The version `linker --version` reports (`bpf-linker 0.13.0`), or `None` when it does not run.
+fn bpf_linker_version(linker: &Path) -> Option<String> {
+    let output = Command::new(linker).arg("--version").output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let stdout = String::from_utf8(output.stdout).ok()?;
+    stdout.split_whitespace().last().map(str::to_owned)
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let sysroot =
+        stdout_of(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
+            .context("locating the nightly sysroot")?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    let lib_dir = sysroot.join("lib");
+    let libllvm = nightly_libllvm(&lib_dir)?;
+    let llvm_major = llvm_major_version(&libllvm)?;
+
+    // bpf-linker's build script links `-lLLVM` from $LLVM_PREFIX/lib and sets its rpath there;
+    // the toolchain only ships the versioned file, so give it the unversioned name.
+    let link = lib_dir.join("libLLVM.so");
+    if fs::read_link(&link).ok().as_deref() != Some(Path::new(&libllvm)) {
+        if link.symlink_metadata().is_ok() {
+            fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+        }
+        symlink(&libllvm, &link)
+            .with_context(|| format!("linking {} -> {libllvm}", link.display()))?;
+        eprintln!("setup: linked {} -> {libllvm}", link.display());
+    }
+
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} from the nightly toolchain (a few minutes)"
+    );
+    run_checked(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", &sysroot)
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{llvm_major}")),
+    )
+    .context("installing bpf-linker")
+}
+
+/// The file name of the nightly's shared libLLVM, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
+fn nightly_libllvm(lib_dir: &Path) -> Result<String> {
+    let mut candidates: Vec<String> = fs::read_dir(lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("libLLVM.so."))
+        .collect();
+    candidates.sort();
+    candidates.into_iter().next().with_context(|| {
+        format!(
+            "no libLLVM.so.* in {}: is the nightly toolchain complete?",
+            lib_dir.display()
+        )
+    })
+}
+
+/// `libLLVM.so.22.1-rust-...` -> `22`: bpf-linker picks its LLVM bindings by a `llvm-N` feature.
+fn llvm_major_version(libllvm: &str) -> Result<&str> {
+    libllvm
+        .strip_prefix("libLLVM.so.")
+        .and_then(|version| version.split(['.', '-']).next())
+        .filter(|major| !major.is_empty() && major.bytes().all(|b| b.is_ascii_digit()))
+        .with_context(|| format!("no LLVM major version in {libllvm}"))
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for &(package, why) in DEBIAN_PACKAGES {
+        if !dpkg_installed(package)? {
+            eprintln!("setup: Debian package {package} ({why}) is missing");
+            missing.push(package);
+        }
+    }
+    let names: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .map(|&(package, _)| package)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: Debian packages {}: installed", names.join(", "));
+        return Ok(());
+    }
+    require_root(&format!(
+        "installing Debian packages ({})",
+        missing.join(", ")
+    ))?;
+    // Only now: the package lists may be absent on a fresh machine, and updating them is the
+    // slow, network-bound part that a second run must not repeat.
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .arg("update"),
+    )
+    .context("updating the Debian package lists")?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .context("installing Debian packages")
+}
+
+/// `dpkg -s` also succeeds for removed packages whose config files remain, so read the status.
+fn dpkg_installed(package: &str) -> Result<bool> {
+    let output = Command::new("dpkg")
+        .args(["-s", package])
+        .output()
+        .context("running dpkg (setup expects a Debian system)")?;
+    Ok(output.status.success()
+        && String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .any(|line| line.trim() == "Status: install ok installed"))
+}
+
+/// The daemon pins its maps under /sys/fs/bpf so a restarted daemon adopts them; the kernel does
+/// not mount bpffs at boot here.
+fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
+    });
+    if mounted {
+        eprintln!("setup: bpffs at {BPFFS}: mounted");
+        return Ok(());
+    }
+    require_root(&format!("mounting bpffs at {BPFFS}"))?;
+    run_checked(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+        .with_context(|| format!("mounting bpffs at {BPFFS}"))
+}
+
+/// Fails with a message that says what needed root, instead of a confusing permission error
+/// from apt-get or mount.
+pub(crate) fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} needs root: run this as root (e.g. `sudo -E cargo xtask ...`)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_match_with_or_without_host_triple() {
+        assert!(is_component("rust-src", "rust-src"));
+        assert!(is_component("clippy-x86_64-unknown-linux-gnu", "clippy"));
+        assert!(is_component(
+            "llvm-tools-x86_64-unknown-linux-gnu",
+            "llvm-tools"
+        ));
+        assert!(!is_component(
+            "rust-std-x86_64-unknown-linux-gnu",
+            "rust-src"
+        ));
+        assert!(!is_component("rustfmtx", "rustfmt"));
+    }
+
+    #[test]
+    fn llvm_major_from_library_name() {
+        assert_eq!(
+            llvm_major_version("libLLVM.so.22.1-rust-1.97.0-nightly").unwrap(),
+            "22"
+        );
+        assert_eq!(llvm_major_version("libLLVM.so.19-rust-1.80").unwrap(), "19");
+        assert!(llvm_major_version("libLLVM.so.rust").is_err());
+    }
+}
