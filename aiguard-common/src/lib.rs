@@ -18,7 +18,7 @@ pub mod map_name {
     pub const BANS_V6: &str = "BANS_V6";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
-        pub const BUCKETS_V4: &str = "BUCKETS_V4";
+    pub const BUCKETS_V4: &str = "BUCKETS_V4";
     pub const BUCKETS_V6: &str = "BUCKETS_V6";
     pub const CONFIG: &str = "CONFIG";
     pub const RATE_PORTS: &str = "RATE_PORTS";
@@ -212,7 +212,10 @@ mod tests {
         assert_eq!(hi.to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4]);
         assert_eq!(lo, 0);
         assert_eq!(XdpConfig::default().with_prefixes(0, 0).v4_mask, 0);
-        assert_eq!(XdpConfig::default().with_prefixes(40, 200).v6_mask, [u64::MAX; 2]);
+        assert_eq!(
+            XdpConfig::default().with_prefixes(40, 200).v6_mask,
+            [u64::MAX; 2]
+        );
     }
 
     #[test]

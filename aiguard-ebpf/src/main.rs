@@ -10,7 +10,10 @@
 // The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` does not exist there; the
 // intrinsic lowers to the BPF atomic add instruction.
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd is the only way to emit BPF_ATOMIC add")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only way to emit BPF_ATOMIC add"
+)]
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_xadd},
@@ -41,8 +44,7 @@ static ALLOW_V4: LpmTrie<[u8; 4], AllowEntry> = LpmTrie::pinned(MAX_ALLOW, 0);
 #[map]
 static ALLOW_V6: LpmTrie<[u8; 16], AllowEntry> = LpmTrie::pinned(MAX_ALLOW, 0);
 #[map]
-static BUCKETS_V4: LruHashMap<[u8; 4], BucketState> =
-    LruHashMap::pinned(DEFAULT_BUCKET_ENTRIES, 0);
+static BUCKETS_V4: LruHashMap<[u8; 4], BucketState> = LruHashMap::pinned(DEFAULT_BUCKET_ENTRIES, 0);
 #[map]
 static BUCKETS_V6: LruHashMap<[u8; 16], BucketState> =
     LruHashMap::pinned(DEFAULT_BUCKET_ENTRIES, 0);
@@ -68,27 +70,94 @@ const MAX_IPV6_EXT_HEADERS: usize = 6;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
+// Plain structs with every field set on every path, rather than enums with payloads: LLVM
+// leaves an enum's unused payload bytes undefined, may fill them from whatever register is at
+// hand (a map pointer, say), and the verifier then rejects the arithmetic that packs them.
+
+/// A source address; IPv4 uses the first four bytes of `addr`, the rest stay zero.
 #[derive(Clone, Copy)]
-enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
+struct Source {
+    v6: bool,
+    addr: [u8; 16],
 }
 
-/// What the transport header told us.
-#[derive(Clone, Copy)]
-enum Transport {
-    /// TCP or UDP with a readable destination port.
-    Ports { dport: u16, tcp_syn: bool },
-    /// Parsed, but a protocol without ports (ICMP, GRE, ...).
-    Other,
-    /// Could not be read: truncated, or a non-first fragment.
-    Unparsed,
+impl Source {
+    #[inline(always)]
+    fn v4(a: [u8; 4]) -> Self {
+        Self {
+            v6: false,
+            addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    #[inline(always)]
+    fn v4_bytes(&self) -> [u8; 4] {
+        [self.addr[0], self.addr[1], self.addr[2], self.addr[3]]
+    }
 }
 
-enum Parsed {
-    NonIp,
-    Unparsed,
-    Ip(Source, Transport),
+/// What the transport header told us: `kind` is one of the `TRANSPORT_*` constants.
+#[derive(Clone, Copy)]
+struct Transport {
+    kind: u8,
+    tcp_syn: bool,
+    dport: u16,
+}
+
+/// TCP or UDP with a readable destination port.
+const TRANSPORT_PORTS: u8 = 0;
+/// Parsed, but a protocol without ports (ICMP, GRE, ...).
+const TRANSPORT_OTHER: u8 = 1;
+/// Could not be read: truncated, or a non-first fragment.
+const TRANSPORT_UNPARSED: u8 = 2;
+
+impl Transport {
+    const OTHER: Self = Self {
+        kind: TRANSPORT_OTHER,
+        tcp_syn: false,
+        dport: 0,
+    };
+    const UNPARSED: Self = Self {
+        kind: TRANSPORT_UNPARSED,
+        tcp_syn: false,
+        dport: 0,
+    };
+}
+
+/// The parse result: `kind` is one of the `PARSED_*` constants; `src` and `transport` are
+/// meaningful for `PARSED_IP` only.
+struct Parsed {
+    kind: u8,
+    src: Source,
+    transport: Transport,
+}
+
+const PARSED_IP: u8 = 0;
+const PARSED_NON_IP: u8 = 1;
+const PARSED_UNPARSED: u8 = 2;
+
+impl Parsed {
+    const NON_IP: Self = Self {
+        kind: PARSED_NON_IP,
+        src: Source {
+            v6: false,
+            addr: [0; 16],
+        },
+        transport: Transport::UNPARSED,
+    };
+    const UNPARSED: Self = Self {
+        kind: PARSED_UNPARSED,
+        ..Self::NON_IP
+    };
+
+    #[inline(always)]
+    fn ip(src: Source, transport: Transport) -> Self {
+        Self {
+            kind: PARSED_IP,
+            src,
+            transport,
+        }
+    }
 }
 
 #[xdp]
@@ -100,11 +169,13 @@ pub fn aiguard_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
-    let (src, transport) = match parse(ctx) {
-        Parsed::NonIp => return (xdp_action::XDP_PASS, stat::NON_IP),
-        Parsed::Unparsed => return (xdp_action::XDP_PASS, stat::UNPARSED),
-        Parsed::Ip(src, transport) => (src, transport),
-    };
+    let parsed = parse(ctx);
+    match parsed.kind {
+        PARSED_NON_IP => return (xdp_action::XDP_PASS, stat::NON_IP),
+        PARSED_UNPARSED => return (xdp_action::XDP_PASS, stat::UNPARSED),
+        _ => {}
+    }
+    let (src, transport) = (parsed.src, parsed.transport);
 
     if is_allowlisted(src) {
         return (xdp_action::XDP_PASS, stat::ALLOWLISTED);
@@ -133,9 +204,10 @@ fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
         }
     }
 
-    match transport {
-        Transport::Unparsed => (xdp_action::XDP_PASS, stat::UNPARSED),
-        _ => (xdp_action::XDP_PASS, stat::PASSED),
+    if transport.kind == TRANSPORT_UNPARSED {
+        (xdp_action::XDP_PASS, stat::UNPARSED)
+    } else {
+        (xdp_action::XDP_PASS, stat::PASSED)
     }
 }
 
@@ -169,17 +241,19 @@ fn count(slot: u32, counter: u32) {
 
 #[inline(always)]
 fn is_allowlisted(src: Source) -> bool {
-    match src {
-        Source::V4(a) => ALLOW_V4.get(Key::new(32, a)).is_some(),
-        Source::V6(a) => ALLOW_V6.get(Key::new(128, a)).is_some(),
+    if src.v6 {
+        ALLOW_V6.get(Key::new(128, src.addr)).is_some()
+    } else {
+        ALLOW_V4.get(Key::new(32, src.v4_bytes())).is_some()
     }
 }
 
 #[inline(always)]
 fn ban_for(src: Source) -> Option<&'static BanEntry> {
-    match src {
-        Source::V4(a) => BANS_V4.get(Key::new(32, a)),
-        Source::V6(a) => BANS_V6.get(Key::new(128, a)),
+    if src.v6 {
+        BANS_V6.get(Key::new(128, src.addr))
+    } else {
+        BANS_V4.get(Key::new(32, src.v4_bytes()))
     }
 }
 
@@ -190,9 +264,14 @@ fn record_hit(ctx: &XdpContext, ban: &BanEntry, src: Source) {
     // SAFETY: `hits` points at the 8-byte aligned `hits` field of a live map value; the kernel
     // keeps the value alive for the duration of the program, and every writer adds atomically.
     if unsafe { hits.read_volatile() } == 0 {
-        match src {
-            Source::V4(a) => info!(ctx, "ban matched its first packet, from {:i}", a),
-            Source::V6(a) => info!(ctx, "ban matched its first packet, from {:i}", a),
+        if src.v6 {
+            info!(ctx, "ban matched its first packet, from {:i}", src.addr);
+        } else {
+            info!(
+                ctx,
+                "ban matched its first packet, from {:i}",
+                src.v4_bytes()
+            );
         }
     }
     // SAFETY: as above.
@@ -206,15 +285,15 @@ fn bucket_applies(cfg: &XdpConfig, transport: Transport) -> bool {
     }
     let syn_only = cfg.flags & CFG_SYN_ONLY != 0;
     let all_ports = cfg.flags & CFG_ALL_PORTS != 0;
-    match transport {
-        Transport::Ports { dport, tcp_syn } => {
-            if syn_only && !tcp_syn {
+    match transport.kind {
+        TRANSPORT_PORTS => {
+            if syn_only && !transport.tcp_syn {
                 return false;
             }
-            all_ports || matches!(RATE_PORTS.get(dport as u32), Some(&v) if v != 0)
+            all_ports || matches!(RATE_PORTS.get(transport.dport as u32), Some(&v) if v != 0)
         }
-        Transport::Other => all_ports && !syn_only,
-        Transport::Unparsed => false,
+        TRANSPORT_OTHER => all_ports && !syn_only,
+        _ => false,
     }
 }
 
@@ -224,9 +303,9 @@ fn take_token(cfg: &XdpConfig, src: Source, now: u64) -> bool {
     let fresh = BucketState {
         tat_ns: now + cfg.emission_ns,
     };
-    let state = match src {
-        Source::V4(a) => {
-            let key = mask_v4(a, cfg);
+    let state = if !src.v6 {
+        {
+            let key = mask_v4(src.v4_bytes(), cfg);
             match BUCKETS_V4.get_ptr_mut(key) {
                 Some(p) => p,
                 None => {
@@ -235,14 +314,13 @@ fn take_token(cfg: &XdpConfig, src: Source, now: u64) -> bool {
                 }
             }
         }
-        Source::V6(a) => {
-            let key = mask_v6(a, cfg);
-            match BUCKETS_V6.get_ptr_mut(key) {
-                Some(p) => p,
-                None => {
-                    let _ = BUCKETS_V6.insert(key, fresh, 0);
-                    return true;
-                }
+    } else {
+        let key = mask_v6(src.addr, cfg);
+        match BUCKETS_V6.get_ptr_mut(key) {
+            Some(p) => p,
+            None => {
+                let _ = BUCKETS_V6.insert(key, fresh, 0);
+                return true;
             }
         }
     };
@@ -302,7 +380,7 @@ fn read_u16_be(ctx: &XdpContext, offset: usize) -> Option<u16> {
 
 fn parse(ctx: &XdpContext) -> Parsed {
     let Some(mut ethertype) = read_u16_be(ctx, 12) else {
-        return Parsed::Unparsed;
+        return Parsed::UNPARSED;
     };
     let mut offset = ETH_HDR_LEN;
     // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
@@ -311,7 +389,7 @@ fn parse(ctx: &XdpContext) -> Parsed {
             break;
         }
         let Some(inner) = read_u16_be(ctx, offset + 2) else {
-            return Parsed::Unparsed;
+            return Parsed::UNPARSED;
         };
         ethertype = inner;
         offset += 4;
@@ -320,56 +398,54 @@ fn parse(ctx: &XdpContext) -> Parsed {
         ETH_P_IP => parse_ipv4(ctx, offset),
         ETH_P_IPV6 => parse_ipv6(ctx, offset),
         // A third VLAN tag is more than this program reads: it cannot tell what is inside.
-        ETH_P_8021Q | ETH_P_8021AD => Parsed::Unparsed,
-        _ => Parsed::NonIp,
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::UNPARSED,
+        _ => Parsed::NON_IP,
     }
 }
 
 fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
-    let Some(vihl) = read::<u8>(ctx, offset) else {
-        return Parsed::Unparsed;
+    // One bounds check for the fixed header; the verifier then knows every field is readable.
+    let Some(h) = read::<[u8; 20]>(ctx, offset) else {
+        return Parsed::UNPARSED;
     };
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
-        return Parsed::Unparsed;
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
+        return Parsed::UNPARSED;
     }
-    // The whole header (with options) must be present before we trust the source.
+    // Options, if any, must be present too before the source is trusted.
     if ptr_at::<u8>(ctx, offset + ihl - 1).is_none() {
-        return Parsed::Unparsed;
+        return Parsed::UNPARSED;
     }
-    let (Some(frag), Some(proto), Some(src)) = (
-        read_u16_be(ctx, offset + 6),
-        read::<u8>(ctx, offset + 9),
-        read::<[u8; 4]>(ctx, offset + 12),
-    ) else {
-        return Parsed::Unparsed;
-    };
-    let src = Source::V4(src);
+    let src = Source::v4([h[12], h[13], h[14], h[15]]);
+    let frag = u16::from_be_bytes([h[6], h[7]]);
     if frag & 0x1fff != 0 {
         // Beyond the first fragment there is no transport header.
-        return Parsed::Ip(src, Transport::Unparsed);
+        return Parsed::ip(src, Transport::UNPARSED);
     }
-    Parsed::Ip(src, parse_transport(ctx, proto, offset + ihl))
+    Parsed::ip(src, parse_transport(ctx, h[9], offset + ihl))
 }
 
 fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
     let Some(first) = read::<u8>(ctx, offset) else {
-        return Parsed::Unparsed;
+        return Parsed::UNPARSED;
     };
-    if first >> 4 != 6 || ptr_at::<[u8; IPV6_HDR_LEN]>(ctx, offset).is_none() {
-        return Parsed::Unparsed;
+    if first >> 4 != 6 {
+        return Parsed::UNPARSED;
     }
-    let (Some(mut next), Some(src)) = (
-        read::<u8>(ctx, offset + 6),
-        read::<[u8; 16]>(ctx, offset + 8),
-    ) else {
-        return Parsed::Unparsed;
+    let Some(h) = read::<[u8; IPV6_HDR_LEN]>(ctx, offset) else {
+        return Parsed::UNPARSED;
     };
+    let mut next = h[6];
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
     // An IPv4-mapped source (::ffff:a.b.c.d) is the IPv4 host it stands for.
     let src = if src[..10] == [0u8; 10] && src[10] == 0xff && src[11] == 0xff {
-        Source::V4([src[12], src[13], src[14], src[15]])
+        Source::v4([src[12], src[13], src[14], src[15]])
     } else {
-        Source::V6(src)
+        Source {
+            v6: true,
+            addr: src,
+        }
     };
 
     let mut at = offset + IPV6_HDR_LEN;
@@ -377,58 +453,60 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
         match next {
             // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
             0 | 43 | 60 => {
-                let (Some(nh), Some(len)) = (read::<u8>(ctx, at), read::<u8>(ctx, at + 1)) else {
-                    return Parsed::Ip(src, Transport::Unparsed);
+                let Some([nh, len]) = read::<[u8; 2]>(ctx, at) else {
+                    return Parsed::ip(src, Transport::UNPARSED);
                 };
                 next = nh;
                 at += (len as usize + 1) * 8;
             }
             // Fragment header: only the first fragment carries the transport header.
             44 => {
-                let (Some(nh), Some(off)) = (read::<u8>(ctx, at), read_u16_be(ctx, at + 2)) else {
-                    return Parsed::Ip(src, Transport::Unparsed);
+                let Some([nh, _, off_hi, off_lo]) = read::<[u8; 4]>(ctx, at) else {
+                    return Parsed::ip(src, Transport::UNPARSED);
                 };
-                if off & 0xfff8 != 0 {
-                    return Parsed::Ip(src, Transport::Unparsed);
+                if u16::from_be_bytes([off_hi, off_lo]) & 0xfff8 != 0 {
+                    return Parsed::ip(src, Transport::UNPARSED);
                 }
                 next = nh;
                 at += 8;
             }
             // Authentication header: length in 4-octet units, minus two.
             51 => {
-                let (Some(nh), Some(len)) = (read::<u8>(ctx, at), read::<u8>(ctx, at + 1)) else {
-                    return Parsed::Ip(src, Transport::Unparsed);
+                let Some([nh, len]) = read::<[u8; 2]>(ctx, at) else {
+                    return Parsed::ip(src, Transport::UNPARSED);
                 };
                 next = nh;
                 at += (len as usize + 2) * 4;
             }
-            _ => return Parsed::Ip(src, parse_transport(ctx, next, at)),
+            _ => return Parsed::ip(src, parse_transport(ctx, next, at)),
         }
     }
-    Parsed::Ip(src, Transport::Unparsed)
+    Parsed::ip(src, Transport::UNPARSED)
 }
 
 #[inline(always)]
 fn parse_transport(ctx: &XdpContext, proto: u8, at: usize) -> Transport {
+    // One fixed-size read per header: the verifier tracks a variable offset only through the
+    // bounds check of the very pointer that is read.
     match proto {
-        IPPROTO_TCP => {
-            // Flags sit at byte 13; requiring them also requires the ports.
-            match (read_u16_be(ctx, at + 2), read::<u8>(ctx, at + 13)) {
-                (Some(dport), Some(flags)) => Transport::Ports {
-                    dport,
-                    tcp_syn: flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0,
-                },
-                _ => Transport::Unparsed,
-            }
-        }
-        IPPROTO_UDP => match (read_u16_be(ctx, at + 2), ptr_at::<[u8; 8]>(ctx, at)) {
-            (Some(dport), Some(_)) => Transport::Ports {
-                dport,
+        IPPROTO_TCP => match read::<[u8; 14]>(ctx, at) {
+            // Up to the flags byte (13): ports and flags are both there.
+            Some(h) => Transport {
+                kind: TRANSPORT_PORTS,
+                dport: u16::from_be_bytes([h[2], h[3]]),
+                tcp_syn: h[13] & TCP_FLAG_SYN != 0 && h[13] & TCP_FLAG_ACK == 0,
+            },
+            None => Transport::UNPARSED,
+        },
+        IPPROTO_UDP => match read::<[u8; 8]>(ctx, at) {
+            Some(h) => Transport {
+                kind: TRANSPORT_PORTS,
+                dport: u16::from_be_bytes([h[2], h[3]]),
                 tcp_syn: false,
             },
-            _ => Transport::Unparsed,
+            None => Transport::UNPARSED,
         },
-        _ => Transport::Other,
+        _ => Transport::OTHER,
     }
 }
 

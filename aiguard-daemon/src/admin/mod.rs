@@ -1,0 +1,135 @@
+//! The admin API: newline-delimited JSON over a root-only unix socket. The daemon is the only
+//! writer of the maps; the CLI (and anything else an operator scripts) talks to it here.
+//!
+//! One request per line, one reply per line, any number per connection:
+//! `{"op":"ban","ranges":["203.0.113.0/24"],"ttl_ms":3600000,"reason":"stuffing"}`
+//! -> `{"reply":"banned","bans":[...]}` or `{"reply":"error","kind":"...","message":"..."}`.
+pub mod client;
+pub mod server;
+
+use std::collections::BTreeMap;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::bans::{AllowRecord, BanRecord, BanView};
+
+/// Largest request line accepted (a ban file of a few million ranges fits).
+pub const MAX_REQUEST_BYTES: usize = 256 << 20;
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Ban one or more ranges, all or nothing.
+    Ban {
+        ranges: Vec<String>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        shadow: bool,
+        #[serde(default)]
+        force: bool,
+    },
+    Unban {
+        range: String,
+    },
+    Bans,
+    Allow {
+        range: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Unallow {
+        range: String,
+    },
+    Allowlist,
+    Status,
+}
+
+/// What the daemon answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Banned {
+        bans: Vec<BanRecord>,
+    },
+    Unbanned {
+        ban: BanRecord,
+    },
+    Bans {
+        bans: Vec<BanView>,
+    },
+    Allowed {
+        entry: AllowRecord,
+        /// Active bans inside this range: they no longer drop these sources.
+        overlapping_bans: Vec<IpNetwork>,
+    },
+    Unallowed {
+        entry: AllowRecord,
+    },
+    Allowlist {
+        entries: Vec<AllowRecord>,
+    },
+    Status(Box<StatusReport>),
+    /// The request was refused or failed; nothing was changed.
+    Error {
+        kind: ErrorKind,
+        message: String,
+        /// For a batch: which item (0-based) was refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index: Option<usize>,
+    },
+}
+
+/// Broad class of an error, for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is wrong (bad range, TTL, unknown op): fix the input.
+    InvalidRequest,
+    /// It conflicts with current state (allowlist overlap, not banned, table full).
+    Conflict,
+    /// The daemon failed (store, kernel): see its log.
+    Internal,
+}
+
+/// `aiguard status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub interfaces: Vec<InterfaceStatus>,
+    /// Verdict counters over all interfaces, by name (see aiguard_common::stat::NAMES).
+    pub totals: BTreeMap<String, u64>,
+    pub bans: usize,
+    pub allowlist: usize,
+    pub bucket: BucketStatus,
+    pub bpffs_dir: String,
+    pub state_dir: String,
+}
+
+/// One protected interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub mode: crate::dataplane::AttachedMode,
+    /// Adopted from a previous daemon's pinned link.
+    pub adopted: bool,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// The per-source bucket as configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BucketStatus {
+    pub active: bool,
+    pub rate: u32,
+    pub burst: u32,
+    pub ports: Vec<u16>,
+    pub all_ports: bool,
+    pub syn_only: bool,
+}

@@ -1,0 +1,286 @@
+//! The daemon's side of the admin socket: bind it root-only, read requests, apply them to the
+//! node, answer.
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aiguard_common::stat;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{debug, warn};
+
+use super::{
+    BucketStatus, ErrorKind, InterfaceStatus, MAX_REQUEST_BYTES, Reply, Request, StatusReport,
+};
+use crate::{
+    bans::{BanError, NewBan, Origin},
+    daemon::Node,
+};
+
+/// Why the admin socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// A live daemon already answers there.
+    #[error(
+        "another aiguard daemon is already listening on {0}; stop it, or give this one its own --socket"
+    )]
+    InUse(String),
+    /// Filesystem or socket error.
+    #[error("cannot create the admin socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket with mode 0600, replacing a stale socket file left by a crash.
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let io = |source| BindError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BindError::InUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    node: Arc<Mutex<Node>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(connection(stream, node.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, node: Arc<Mutex<Node>>) {
+    let (read, mut write) = stream.into_split();
+    // The cap bounds what one client can make the daemon buffer.
+    let mut lines = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
+    loop {
+        let mut line = String::new();
+        match lines.read_line(&mut line).await {
+            Ok(0) => return,
+            Ok(n) if n > MAX_REQUEST_BYTES => {
+                let _ = send(
+                    &mut write,
+                    &error(
+                        ErrorKind::InvalidRequest,
+                        format!("request larger than {MAX_REQUEST_BYTES} bytes"),
+                        None,
+                    ),
+                )
+                .await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "admin connection closed");
+                return;
+            }
+        }
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let node = node.clone();
+                tokio::task::spawn_blocking(move || handle(&node, request))
+                    .await
+                    .unwrap_or_else(|e| {
+                        error(
+                            ErrorKind::Internal,
+                            format!("request handler failed: {e}"),
+                            None,
+                        )
+                    })
+            }
+            Err(e) => error(
+                ErrorKind::InvalidRequest,
+                format!("malformed request: {e}"),
+                None,
+            ),
+        };
+        if send(&mut write, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(reply).expect("replies always serialise");
+    bytes.push(b'\n');
+    write.write_all(&bytes).await
+}
+
+fn error(kind: ErrorKind, message: String, index: Option<usize>) -> Reply {
+    Reply::Error {
+        kind,
+        message,
+        index,
+    }
+}
+
+fn ban_error(e: BanError) -> Reply {
+    let (index, e) = match e {
+        BanError::InBatch { index, source } => (Some(index), *source),
+        e => (None, e),
+    };
+    let kind = match &e {
+        BanError::Range(_) | BanError::Ttl { .. } | BanError::Reason(_) => {
+            ErrorKind::InvalidRequest
+        }
+        BanError::AllowlistOverlap { .. }
+        | BanError::NotBanned(_)
+        | BanError::NotAllowed(_)
+        | BanError::Full { .. } => ErrorKind::Conflict,
+        BanError::Store(_) | BanError::Dataplane(_) | BanError::InBatch { .. } => {
+            ErrorKind::Internal
+        }
+    };
+    if kind == ErrorKind::Internal {
+        warn!(error = %e, "admin request failed");
+    }
+    error(kind, e.to_string(), index)
+}
+
+/// Applies one request. Runs on a blocking thread: map updates for a large batch take seconds.
+pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
+    // std Mutex: held only for synchronous map and store work, never across an await.
+    let mut guard = node.lock().unwrap_or_else(|p| p.into_inner());
+    let Node {
+        dataplane,
+        bans,
+        config,
+        started,
+    } = &mut *guard;
+    match request {
+        Request::Ban {
+            ranges,
+            ttl_ms,
+            reason,
+            shadow,
+            force,
+        } => {
+            if ranges.is_empty() {
+                return error(ErrorKind::InvalidRequest, "no range given".into(), None);
+            }
+            let batch = ranges
+                .into_iter()
+                .map(|range| NewBan {
+                    range,
+                    ttl: ttl_ms.map(Duration::from_millis),
+                    reason: reason.clone(),
+                    shadow,
+                    force,
+                    origin: Origin::Cli,
+                })
+                .collect();
+            match bans.ban(dataplane, batch) {
+                Ok(bans) => Reply::Banned { bans },
+                Err(e) => ban_error(e),
+            }
+        }
+        Request::Unban { range } => match bans.unban(dataplane, &range) {
+            Ok(ban) => Reply::Unbanned { ban },
+            Err(e) => ban_error(e),
+        },
+        Request::Bans => match bans.list(dataplane) {
+            Ok(bans) => Reply::Bans { bans },
+            Err(e) => ban_error(e),
+        },
+        Request::Allow { range, force } => match bans.allow(dataplane, &range, force) {
+            Ok((entry, overlapping_bans)) => Reply::Allowed {
+                entry,
+                overlapping_bans,
+            },
+            Err(e) => ban_error(e),
+        },
+        Request::Unallow { range } => match bans.unallow(dataplane, &range) {
+            Ok(entry) => Reply::Unallowed { entry },
+            Err(e) => ban_error(e),
+        },
+        Request::Allowlist => Reply::Allowlist {
+            entries: bans.allowlist(),
+        },
+        Request::Status => {
+            let counters = match dataplane.counters() {
+                Ok(c) => c,
+                Err(e) => return error(ErrorKind::Internal, e.to_string(), None),
+            };
+            let named = |row: &[u64]| -> BTreeMap<String, u64> {
+                stat::NAMES
+                    .iter()
+                    .zip(row)
+                    .map(|(n, v)| ((*n).to_owned(), *v))
+                    .collect()
+            };
+            let mut totals = [0u64; stat::COUNT as usize];
+            for row in &counters {
+                for (t, v) in totals.iter_mut().zip(row) {
+                    *t += v;
+                }
+            }
+            let b = &config.xdp.bucket;
+            Reply::Status(Box::new(StatusReport {
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                uptime_secs: started.elapsed().as_secs(),
+                interfaces: dataplane
+                    .attachments()
+                    .iter()
+                    .map(|a| InterfaceStatus {
+                        name: a.interface.clone(),
+                        ifindex: a.ifindex,
+                        mode: a.mode,
+                        adopted: a.adopted,
+                        counters: named(&counters[a.stat_slot as usize]),
+                    })
+                    .collect(),
+                totals: named(&totals),
+                bans: bans.len(),
+                allowlist: bans.allow_len(),
+                bucket: BucketStatus {
+                    active: b.is_active(),
+                    rate: b.rate,
+                    burst: b.burst,
+                    ports: b.ports.clone(),
+                    all_ports: b.all_ports,
+                    syn_only: b.syn_only,
+                },
+                bpffs_dir: config.daemon.bpffs_dir.display().to_string(),
+                state_dir: config.daemon.state_dir.display().to_string(),
+            }))
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! Bans and the allowlist: the rules an operator (or the detector) sets, kept in step between
+//! the embedded store (what survives a reboot) and the kernel maps (what drops packets).
+//!
+//! Every change is validated whole before anything is written, then applied to the maps and
+//! committed to the store; if the commit fails the maps are put back, so a refused change
+//! changes nothing.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aiguard_common::{BAN_FLAG_SHADOW, BanEntry, reason};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError, boot_ns_now},
+    range::{self, RangeError},
+    store::{Store, StoreError},
+};
+
+/// Longest TTL accepted; longer is almost certainly a typo (use no TTL for a permanent ban).
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Longest free-text reason kept.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// Who made a ban.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// An operator, through the CLI or the admin API.
+    Cli,
+    /// Abuse detection on this node.
+    Detector,
+    /// Another node, through the shared store.
+    Replicated,
+}
+
+impl Origin {
+    fn reason_code(self) -> u32 {
+        match self {
+            Self::Cli => reason::MANUAL,
+            Self::Detector => reason::DETECTOR,
+            Self::Replicated => reason::REPLICATED,
+        }
+    }
+}
+
+/// A ban as stored and listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BanRecord {
+    pub range: IpNetwork,
+    pub reason: String,
+    pub origin: Origin,
+    /// Unix time in milliseconds.
+    pub created_ms: u64,
+    /// Unix time in milliseconds; `None` = until unbanned.
+    pub expires_ms: Option<u64>,
+    /// Count matches, drop nothing.
+    pub shadow: bool,
+}
+
+/// An allowlist range: its sources are never dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllowRecord {
+    pub range: IpNetwork,
+    pub created_ms: u64,
+}
+
+/// A ban as requested, before validation.
+#[derive(Debug, Clone)]
+pub struct NewBan {
+    pub range: String,
+    pub ttl: Option<Duration>,
+    pub reason: Option<String>,
+    pub shadow: bool,
+    /// Accept a /0.
+    pub force: bool,
+    pub origin: Origin,
+}
+
+/// A ban with its kernel hit count, for listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BanView {
+    #[serde(flatten)]
+    pub record: BanRecord,
+    pub hits: u64,
+}
+
+/// Why a change to bans or the allowlist was refused. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum BanError {
+    /// The range is malformed, has host bits set, or is a /0 without force.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// Banning this range would contradict the allowlist.
+    #[error(
+        "{range} overlaps allowlisted range {allowed}; the allowlist always wins, so this ban would not drop those sources. Remove it with `aiguard unallow {allowed}` first, or ban a range outside it"
+    )]
+    AllowlistOverlap {
+        range: IpNetwork,
+        allowed: IpNetwork,
+    },
+    /// TTL of zero or beyond [`MAX_TTL`].
+    #[error(
+        "TTL {ttl} is out of range: expected more than 0s and at most 10 years (omit --ttl for a ban that lasts until unbanned)"
+    )]
+    Ttl { ttl: String },
+    /// Reason longer than [`MAX_REASON_LEN`] or with control characters.
+    #[error("reason is invalid: {0}")]
+    Reason(String),
+    /// No such ban.
+    #[error("{0} is not banned (see `aiguard bans`)")]
+    NotBanned(IpNetwork),
+    /// No such allowlist range.
+    #[error("{0} is not in the allowlist (see `aiguard allowlist`)")]
+    NotAllowed(IpNetwork),
+    /// The ban trie has no room.
+    #[error(
+        "the {family} ban table is full ({max} entries); raise xdp.max_bans in the config and restart, or remove bans"
+    )]
+    Full { family: &'static str, max: u32 },
+    /// One item of a batch was refused; the whole batch was.
+    #[error("item {index}: {source}")]
+    InBatch {
+        index: usize,
+        #[source]
+        source: Box<BanError>,
+    },
+    /// The embedded store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The kernel maps failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// Unix time now in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What `restore` found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Bans restored from the store.
+    pub bans: usize,
+    /// Of those, bans already in the pinned maps (their hit counts carried on).
+    pub adopted: usize,
+    /// Bans that expired while the daemon was away, now removed.
+    pub expired: usize,
+    /// Kernel entries that had no record (from a crash mid-change), now removed.
+    pub orphans_removed: usize,
+    pub allowlist: usize,
+}
+
+/// The active bans and allowlist.
+pub struct BanList {
+    store: Store,
+    bans: HashMap<IpNetwork, BanRecord>,
+    /// (expiry ms, range): what the sweeper removes next.
+    expiries: BTreeSet<(u64, IpNetwork)>,
+    allow: BTreeMap<IpNetwork, AllowRecord>,
+    max_bans: u32,
+}
+
+impl BanList {
+    /// Loads the store and brings the kernel maps in line with it: the store is the truth,
+    /// pinned entries that match it are kept as they are (with their hit counts).
+    pub fn restore(
+        store: Store,
+        dp: &mut Dataplane,
+        max_bans: u32,
+    ) -> Result<(Self, RestoreReport), BanError> {
+        let now = now_ms();
+        let boot_now = boot_ns_now();
+        let mut report = RestoreReport::default();
+
+        let mut expired = Vec::new();
+        let mut bans = HashMap::new();
+        for rec in store.bans()? {
+            if rec.expires_ms.is_some_and(|e| e <= now) {
+                expired.push(rec.range);
+            } else {
+                bans.insert(rec.range, rec);
+            }
+        }
+        report.expired = expired.len();
+        store.remove_bans(&expired)?;
+
+        let mut in_kernel = dp.ban_entries()?;
+        for rec in bans.values() {
+            let want = kernel_entry(rec, now, boot_now);
+            match in_kernel.remove(&rec.range) {
+                Some(have) if have.reason == want.reason && have.flags == want.flags => {
+                    report.adopted += 1;
+                }
+                have => dp.put_ban(
+                    &rec.range,
+                    BanEntry {
+                        hits: have.map_or(0, |h| h.hits),
+                        ..want
+                    },
+                )?,
+            }
+        }
+        for orphan in in_kernel.keys() {
+            dp.remove_ban(orphan)?;
+        }
+        report.orphans_removed = in_kernel.len();
+        for r in &expired {
+            dp.remove_ban(r)?;
+        }
+        report.bans = bans.len();
+
+        let allow: BTreeMap<_, _> = store
+            .allowlist()?
+            .into_iter()
+            .map(|a| (a.range, a))
+            .collect();
+        let kernel_allow: BTreeSet<_> = dp.allow_entries()?.into_iter().collect();
+        for r in allow.keys() {
+            if !kernel_allow.contains(r) {
+                dp.put_allow(r)?;
+            }
+        }
+        for r in kernel_allow.iter().filter(|r| !allow.contains_key(r)) {
+            dp.remove_allow(r)?;
+        }
+        report.allowlist = allow.len();
+
+        let expiries = bans
+            .values()
+            .filter_map(|b| b.expires_ms.map(|e| (e, b.range)))
+            .collect();
+        Ok((
+            Self {
+                store,
+                bans,
+                expiries,
+                allow,
+                max_bans,
+            },
+            report,
+        ))
+    }
+
+    /// Number of active bans.
+    pub fn len(&self) -> usize {
+        self.bans.len()
+    }
+
+    /// Whether there are no bans.
+    pub fn is_empty(&self) -> bool {
+        self.bans.is_empty()
+    }
+
+    /// Number of allowlist ranges.
+    pub fn allow_len(&self) -> usize {
+        self.allow.len()
+    }
+
+    /// Validates and applies a batch of bans, all or nothing. A range already banned is
+    /// updated (new TTL, reason, shadow) and keeps its hit count.
+    pub fn ban(
+        &mut self,
+        dp: &mut Dataplane,
+        batch: Vec<NewBan>,
+    ) -> Result<Vec<BanRecord>, BanError> {
+        let now = now_ms();
+        let boot_now = boot_ns_now();
+        let many = batch.len() > 1;
+        let in_batch = |index: usize, e: BanError| {
+            if many {
+                BanError::InBatch {
+                    index,
+                    source: Box::new(e),
+                }
+            } else {
+                e
+            }
+        };
+
+        // Validate everything first.
+        let mut records: Vec<BanRecord> = Vec::with_capacity(batch.len());
+        let mut seen: HashMap<IpNetwork, usize> = HashMap::new();
+        for (index, nb) in batch.into_iter().enumerate() {
+            let rec = self.validate(nb, now).map_err(|e| in_batch(index, e))?;
+            // A range listed twice: the later line wins.
+            match seen.get(&rec.range) {
+                Some(&i) => records[i] = rec,
+                None => {
+                    seen.insert(rec.range, records.len());
+                    records.push(rec);
+                }
+            }
+        }
+        for (family, is_v4) in [("IPv4", true), ("IPv6", false)] {
+            let fresh = records
+                .iter()
+                .filter(|r| r.range.is_ipv4() == is_v4 && !self.bans.contains_key(&r.range))
+                .count();
+            let have = self.bans.keys().filter(|r| r.is_ipv4() == is_v4).count();
+            if have + fresh > self.max_bans as usize {
+                return Err(BanError::Full {
+                    family,
+                    max: self.max_bans,
+                });
+            }
+        }
+
+        // Kernel first, remembering what to put back if anything fails.
+        let mut undo: Vec<(IpNetwork, Option<BanEntry>)> = Vec::with_capacity(records.len());
+        let result = (|| -> Result<(), BanError> {
+            for rec in &records {
+                let prior = if self.bans.contains_key(&rec.range) {
+                    dp.ban_entry(&rec.range)?
+                } else {
+                    None
+                };
+                let entry = BanEntry {
+                    hits: prior.map_or(0, |p| p.hits),
+                    ..kernel_entry(rec, now, boot_now)
+                };
+                dp.put_ban(&rec.range, entry)?;
+                undo.push((rec.range, prior));
+            }
+            self.store.put_bans(&records)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (range, prior) in undo.into_iter().rev() {
+                let restored = match prior {
+                    Some(p) => dp.put_ban(&range, p),
+                    None => dp.remove_ban(&range),
+                };
+                if let Err(re) = restored {
+                    warn!(%range, error = %re, "could not undo a kernel ban entry; the next restart reconciles it");
+                }
+            }
+            return Err(e);
+        }
+
+        for rec in &records {
+            if let Some(old) = self.bans.insert(rec.range, rec.clone())
+                && let Some(e) = old.expires_ms
+            {
+                self.expiries.remove(&(e, old.range));
+            }
+            if let Some(e) = rec.expires_ms {
+                self.expiries.insert((e, rec.range));
+            }
+        }
+        if records.len() == 1 {
+            let r = &records[0];
+            info!(range = %r.range, reason = %r.reason, origin = ?r.origin, shadow = r.shadow,
+                  expires_ms = ?r.expires_ms, "banned");
+        } else {
+            info!(count = records.len(), "banned a batch of ranges");
+        }
+        Ok(records)
+    }
+
+    fn validate(&self, nb: NewBan, now: u64) -> Result<BanRecord, BanError> {
+        let range = range::parse_range(&nb.range, nb.force)?;
+        if let Some(allowed) = self.allow.keys().find(|a| range::overlaps(a, &range)) {
+            return Err(BanError::AllowlistOverlap {
+                range,
+                allowed: *allowed,
+            });
+        }
+        if let Some(ttl) = nb.ttl
+            && (ttl.is_zero() || ttl > MAX_TTL)
+        {
+            return Err(BanError::Ttl {
+                ttl: humantime::format_duration(ttl).to_string(),
+            });
+        }
+        let reason = nb.reason.unwrap_or_else(|| "manual".into());
+        if reason.chars().count() > MAX_REASON_LEN {
+            return Err(BanError::Reason(format!(
+                "{} characters, at most {MAX_REASON_LEN} are kept",
+                reason.chars().count()
+            )));
+        }
+        if reason.chars().any(char::is_control) {
+            return Err(BanError::Reason("it contains control characters".into()));
+        }
+        Ok(BanRecord {
+            range,
+            reason,
+            origin: nb.origin,
+            created_ms: now,
+            expires_ms: nb.ttl.map(|t| now + t.as_millis() as u64),
+            shadow: nb.shadow,
+        })
+    }
+
+    /// Lifts a ban.
+    pub fn unban(&mut self, dp: &mut Dataplane, range: &str) -> Result<BanRecord, BanError> {
+        let range = range::parse_range(range, true)?;
+        let Some(rec) = self.bans.get(&range).cloned() else {
+            return Err(BanError::NotBanned(range));
+        };
+        self.store.remove_bans(&[range])?;
+        dp.remove_ban(&range)?;
+        self.forget(&rec);
+        info!(%range, "unbanned");
+        Ok(rec)
+    }
+
+    fn forget(&mut self, rec: &BanRecord) {
+        self.bans.remove(&rec.range);
+        if let Some(e) = rec.expires_ms {
+            self.expiries.remove(&(e, rec.range));
+        }
+    }
+
+    /// Removes bans whose time is up (the kernel already ignores them). Returns them.
+    pub fn sweep(&mut self, dp: &mut Dataplane, now: u64) -> Result<Vec<BanRecord>, BanError> {
+        let due: Vec<IpNetwork> = self
+            .expiries
+            .iter()
+            .take_while(|(e, _)| *e <= now)
+            .map(|(_, r)| *r)
+            .collect();
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.remove_bans(&due)?;
+        let mut removed = Vec::with_capacity(due.len());
+        for range in due {
+            dp.remove_ban(&range)?;
+            if let Some(rec) = self.bans.get(&range).cloned() {
+                self.forget(&rec);
+                info!(%range, reason = %rec.reason, "ban expired");
+                removed.push(rec);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every ban with its hit count, sorted by range.
+    pub fn list(&self, dp: &Dataplane) -> Result<Vec<BanView>, BanError> {
+        let mut out = Vec::with_capacity(self.bans.len());
+        for rec in self.bans.values() {
+            let hits = dp.ban_entry(&rec.range)?.map_or(0, |e| e.hits);
+            out.push(BanView {
+                record: rec.clone(),
+                hits,
+            });
+        }
+        out.sort_by_key(|v| v.record.range);
+        Ok(out)
+    }
+
+    /// Adds an allowlist range. Returns the active bans it overlaps (they stop dropping those
+    /// sources: the allowlist wins).
+    pub fn allow(
+        &mut self,
+        dp: &mut Dataplane,
+        range: &str,
+        force: bool,
+    ) -> Result<(AllowRecord, Vec<IpNetwork>), BanError> {
+        let range = range::parse_range(range, force)?;
+        let rec = AllowRecord {
+            range,
+            created_ms: now_ms(),
+        };
+        dp.put_allow(&range)?;
+        if let Err(e) = self.store.put_allow(&rec) {
+            if !self.allow.contains_key(&range) {
+                let _ = dp.remove_allow(&range);
+            }
+            return Err(e.into());
+        }
+        self.allow.insert(range, rec.clone());
+        let shadowed: Vec<IpNetwork> = self
+            .bans
+            .keys()
+            .filter(|b| range::overlaps(b, &range))
+            .copied()
+            .collect();
+        info!(%range, "allowlisted");
+        Ok((rec, shadowed))
+    }
+
+    /// Removes an allowlist range.
+    pub fn unallow(&mut self, dp: &mut Dataplane, range: &str) -> Result<AllowRecord, BanError> {
+        let range = range::parse_range(range, true)?;
+        let Some(rec) = self.allow.get(&range).cloned() else {
+            return Err(BanError::NotAllowed(range));
+        };
+        self.store.remove_allow(&range)?;
+        dp.remove_allow(&range)?;
+        self.allow.remove(&range);
+        info!(%range, "removed from the allowlist");
+        Ok(rec)
+    }
+
+    /// The allowlist, sorted.
+    pub fn allowlist(&self) -> Vec<AllowRecord> {
+        self.allow.values().cloned().collect()
+    }
+}
+
+/// The kernel's view of a ban: expiry converted from wall-clock to CLOCK_BOOTTIME.
+fn kernel_entry(rec: &BanRecord, now_ms: u64, boot_now_ns: u64) -> BanEntry {
+    let expires_boot_ns = match rec.expires_ms {
+        None => 0,
+        Some(e) => boot_now_ns
+            .saturating_add(e.saturating_sub(now_ms).saturating_mul(1_000_000))
+            .max(1),
+    };
+    BanEntry {
+        expires_boot_ns,
+        hits: 0,
+        reason: rec.origin.reason_code(),
+        flags: if rec.shadow { BAN_FLAG_SHADOW } else { 0 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_entry_converts_expiry_to_boottime() {
+        let rec = BanRecord {
+            range: "203.0.113.0/24".parse().unwrap(),
+            reason: "x".into(),
+            origin: Origin::Detector,
+            created_ms: 1_000,
+            expires_ms: Some(61_000),
+            shadow: true,
+        };
+        let e = kernel_entry(&rec, 1_000, 5_000_000_000);
+        assert_eq!(e.expires_boot_ns, 5_000_000_000 + 60_000_000_000);
+        assert_eq!(e.reason, reason::DETECTOR);
+        assert_eq!(e.flags, BAN_FLAG_SHADOW);
+        let permanent = BanRecord {
+            expires_ms: None,
+            shadow: false,
+            ..rec
+        };
+        assert_eq!(kernel_entry(&permanent, 1_000, 7).expires_boot_ns, 0);
+    }
+}

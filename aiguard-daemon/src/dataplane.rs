@@ -1,0 +1,630 @@
+//! The kernel side as the daemon sees it: load the XDP object, pin its maps and links under the
+//! bpffs directory (adopting what a previous daemon pinned), attach to interfaces, and read and
+//! write the maps.
+//!
+//! Adoption: maps are pinned by name, so loading again reuses them with their contents (bans,
+//! hit counts, buckets, counters). A pinned XDP link is kept attached by its pin while no daemon
+//! runs; a new daemon swaps its freshly loaded program into that link atomically
+//! (`bpf_link_update`), so the interface is never unprotected.
+use std::{
+    collections::BTreeMap,
+    io,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use aiguard_common::{
+    AllowEntry, BanEntry, IFACE_STAT_SLOTS, IFINDEX_SLOTS, PROGRAM_NAME, XdpConfig, map_name, stat,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use ipnetwork::IpNetwork;
+use tracing::{info, warn};
+
+use crate::{config::AttachMode, range};
+
+/// The XDP object built from `aiguard-ebpf` by the build script.
+static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aiguard"));
+
+/// Magic number of the BPF filesystem (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What went wrong on the kernel side.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The pin directory is not on a BPF filesystem and could not be put on one.
+    #[error("{path} is not on a BPF filesystem: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+    /// The object could not be loaded (verifier, missing privileges, incompatible pinned map).
+    #[error("cannot load the XDP program: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A program operation failed (load, attach, link update).
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("{what}: {source}")]
+    Map {
+        what: String,
+        #[source]
+        source: MapError,
+    },
+    /// The interface does not exist.
+    #[error("interface {0:?} does not exist (see `ip link`)")]
+    NoSuchInterface(String),
+    /// Filesystem work on pins failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Map { what, source }
+}
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Program { what, source }
+}
+
+/// How a program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl AttachedMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            Self::Native => XdpMode::Driver,
+            Self::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// One interface the program is attached to.
+#[derive(Debug)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    pub mode: AttachedMode,
+    /// The link was already pinned by an earlier daemon and was adopted.
+    pub adopted: bool,
+    /// Counter slot of this interface in the STATS map.
+    pub stat_slot: u32,
+    link: Option<FdLink>,
+}
+
+/// Per-interface verdict counters summed over CPUs, indexed by [`aiguard_common::stat`].
+pub type Counters = [u64; stat::COUNT as usize];
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    log_reader: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    bans_v4: LpmTrie<MapData, [u8; 4], BanEntry>,
+    bans_v6: LpmTrie<MapData, [u8; 16], BanEntry>,
+    allow_v4: LpmTrie<MapData, [u8; 4], AllowEntry>,
+    allow_v6: LpmTrie<MapData, [u8; 16], AllowEntry>,
+    config: Array<MapData, XdpConfig>,
+    rate_ports: Array<MapData, u32>,
+    iface_slot: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    bpffs_dir: PathBuf,
+    attachments: Vec<Attachment>,
+}
+
+impl Dataplane {
+    /// Loads the program, creating or adopting the maps pinned in `bpffs_dir`.
+    pub fn load(bpffs_dir: &Path, max_bans: u32) -> Result<Self, DataplaneError> {
+        ensure_bpffs(bpffs_dir)?;
+        std::fs::create_dir_all(bpffs_dir).map_err(|source| DataplaneError::Io {
+            what: format!("creating {}", bpffs_dir.display()),
+            source,
+        })?;
+        // Pins are the kernel's state: only root may read or change them.
+        let _ = std::fs::set_permissions(bpffs_dir, std::fs::Permissions::from_mode(0o700));
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpffs_dir)
+            .map_max_entries(map_name::BANS_V4, max_bans)
+            .map_max_entries(map_name::BANS_V6, max_bans)
+            .load(XDP_OBJECT)
+            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+
+        // The logger owns the log ring buffer; it must live as long as the program.
+        let log_reader = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "eBPF logs will not be forwarded");
+                None
+            }
+        };
+
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| DataplaneError::Program {
+                what: format!("the object has no program {PROGRAM_NAME}"),
+                source: ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(prog_err("the program is not XDP"))?;
+        program
+            .load()
+            .map_err(prog_err("loading the XDP program (verifier)"))?;
+
+        macro_rules! take {
+            ($ty:ident, $name:expr) => {
+                $ty::try_from(
+                    ebpf.take_map($name)
+                        .ok_or_else(|| DataplaneError::Program {
+                            what: format!("the object has no map {}", $name),
+                            source: ProgramError::NotLoaded,
+                        })?,
+                )
+                .map_err(map_err(format!("map {}", $name)))?
+            };
+        }
+        Ok(Self {
+            bans_v4: take!(LpmTrie, map_name::BANS_V4),
+            bans_v6: take!(LpmTrie, map_name::BANS_V6),
+            allow_v4: take!(LpmTrie, map_name::ALLOW_V4),
+            allow_v6: take!(LpmTrie, map_name::ALLOW_V6),
+            config: take!(Array, map_name::CONFIG),
+            rate_ports: take!(Array, map_name::RATE_PORTS),
+            iface_slot: take!(Array, map_name::IFACE_SLOT),
+            stats: take!(PerCpuArray, map_name::STATS),
+            ebpf,
+            log_reader,
+            bpffs_dir: bpffs_dir.to_owned(),
+            attachments: Vec::new(),
+        })
+    }
+
+    /// The reader of the program's aya-log ring buffer; the daemon forwards it to tracing.
+    pub fn take_log_reader(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.log_reader.take()
+    }
+
+    /// The XDP program, for BPF_PROG_TEST_RUN in tests and benchmarks.
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("loaded in Dataplane::load")
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("loaded in Dataplane::load")
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// Attaches to `interface`, adopting a link pinned by an earlier daemon if there is one.
+    /// `stat_slot` (1..IFACE_STAT_SLOTS) is where this interface's counters go.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        stat_slot: u32,
+    ) -> Result<&Attachment, DataplaneError> {
+        let ifindex = nix::net::if_::if_nametoindex(interface)
+            .map_err(|_| DataplaneError::NoSuchInterface(interface.to_owned()))?;
+        let slot = stat_slot.min(IFACE_STAT_SLOTS - 1);
+        if ifindex < IFINDEX_SLOTS {
+            self.iface_slot
+                .set(ifindex, slot, 0)
+                .map_err(map_err("assigning the interface's counter slot"))?;
+        }
+
+        let (link, mode, adopted) = match self.adopt_link(interface)? {
+            Some((link, mode)) => (Some(link), mode, true),
+            None => {
+                let (link, mode) = self.attach_fresh(interface, mode)?;
+                (link, mode, false)
+            }
+        };
+        if adopted {
+            info!(
+                interface,
+                mode = mode.as_str(),
+                "adopted the pinned XDP link"
+            );
+        } else {
+            info!(interface, mode = mode.as_str(), "attached XDP program");
+        }
+        self.attachments.push(Attachment {
+            interface: interface.to_owned(),
+            ifindex,
+            mode,
+            adopted,
+            stat_slot: slot,
+            link,
+        });
+        Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    fn link_pin(&self, interface: &str, mode: AttachedMode) -> PathBuf {
+        // The mode is part of the name: the kernel does not report it for a link.
+        self.bpffs_dir
+            .join(format!("link-{}-{interface}", mode.as_str()))
+    }
+
+    /// Swaps this program into a pinned link for `interface`, if a usable one exists.
+    fn adopt_link(
+        &mut self,
+        interface: &str,
+    ) -> Result<Option<(FdLink, AttachedMode)>, DataplaneError> {
+        for mode in [AttachedMode::Native, AttachedMode::Generic] {
+            let pin = self.link_pin(interface, mode);
+            if !pin.exists() {
+                continue;
+            }
+            let adopted = PinnedLink::from_pin(&pin)
+                .map_err(|e| e.to_string())
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                .and_then(|link| {
+                    let program = self.program_mut();
+                    let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
+                    let link = program.take_link(id).map_err(|e| e.to_string())?;
+                    FdLink::try_from(link).map_err(|e| e.to_string())
+                });
+            match adopted {
+                Ok(link) => return Ok(Some((link, mode))),
+                Err(reason) => {
+                    // The interface was recreated, or the pin is from something else: start over.
+                    warn!(interface, pin = %pin.display(), %reason, "pinned XDP link is unusable; attaching anew");
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn attach_fresh(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(Option<FdLink>, AttachedMode), DataplaneError> {
+        let program = self.program_mut();
+        let (id, mode) = match mode {
+            AttachMode::Native => (
+                program
+                    .attach(interface, XdpMode::Driver)
+                    .map_err(prog_err(format!("attaching to {interface} in native mode")))?,
+                AttachedMode::Native,
+            ),
+            AttachMode::Generic => (
+                program
+                    .attach(interface, XdpMode::Skb)
+                    .map_err(prog_err(format!(
+                        "attaching to {interface} in generic mode"
+                    )))?,
+                AttachedMode::Generic,
+            ),
+            AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
+                Ok(id) => (id, AttachedMode::Native),
+                Err(e) => {
+                    warn!(interface, error = %e, "native XDP unavailable; falling back to generic mode");
+                    (
+                        program
+                            .attach(interface, AttachedMode::Generic.xdp_mode())
+                            .map_err(prog_err(format!(
+                                "attaching to {interface} in generic mode"
+                            )))?,
+                        AttachedMode::Generic,
+                    )
+                }
+            },
+        };
+        let link = program
+            .take_link(id)
+            .map_err(prog_err("taking the XDP link"))?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                let pin = self.link_pin(interface, mode);
+                let pinned = fd_link.pin(&pin).map_err(|e| DataplaneError::Io {
+                    what: format!("pinning the XDP link at {}", pin.display()),
+                    source: io::Error::other(e.to_string()),
+                })?;
+                Ok((Some(FdLink::from(pinned)), mode))
+            }
+            Err(e) => {
+                // Netlink attachment (kernels before 5.9): it cannot be pinned, and it ends
+                // with this process.
+                warn!(interface, error = %e, "the kernel gave no bpf_link: the program will detach when the daemon exits");
+                Ok((None, mode))
+            }
+        }
+    }
+
+    /// Detaches every link this daemon holds and removes their pins.
+    pub fn detach_all(&mut self) {
+        for a in self.attachments.drain(..) {
+            let pin = self
+                .bpffs_dir
+                .join(format!("link-{}-{}", a.mode.as_str(), a.interface));
+            let _ = std::fs::remove_file(&pin);
+            drop(a.link);
+            info!(interface = %a.interface, "detached XDP program");
+        }
+    }
+
+    /// Unpins links left by an earlier daemon for interfaces no longer configured, so the
+    /// configuration stays the source of truth. Returns the interfaces detached.
+    pub fn detach_unconfigured(&self, configured: &[String]) -> Vec<String> {
+        let mut gone = Vec::new();
+        let Ok(dir) = std::fs::read_dir(&self.bpffs_dir) else {
+            return gone;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("link-") else {
+                continue;
+            };
+            let Some((_, iface)) = rest.split_once('-') else {
+                continue;
+            };
+            if !configured.iter().any(|c| c == iface) && std::fs::remove_file(entry.path()).is_ok()
+            {
+                info!(
+                    interface = iface,
+                    "detached XDP program from an interface no longer configured"
+                );
+                gone.push(iface.to_owned());
+            }
+        }
+        gone
+    }
+
+    /// Writes the bucket knobs: ports first, then the config the kernel reads them under.
+    pub fn set_bucket(&mut self, cfg: XdpConfig, ports: &[u16]) -> Result<(), DataplaneError> {
+        let mut wanted = vec![0u32; aiguard_common::PORT_SLOTS as usize];
+        for p in ports {
+            wanted[usize::from(*p)] = 1;
+        }
+        for (port, want) in wanted.iter().enumerate() {
+            let port = port as u32;
+            let have = self
+                .rate_ports
+                .get(&port, 0)
+                .map_err(map_err("reading RATE_PORTS"))?;
+            if have != *want {
+                self.rate_ports
+                    .set(port, *want, 0)
+                    .map_err(map_err("writing RATE_PORTS"))?;
+            }
+        }
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err("writing the XDP config"))
+    }
+
+    /// The bucket knobs the kernel currently reads.
+    pub fn bucket_config(&self) -> Result<XdpConfig, DataplaneError> {
+        self.config
+            .get(&0, 0)
+            .map_err(map_err("reading the XDP config"))
+    }
+
+    /// Inserts or replaces a ban.
+    pub fn put_ban(&mut self, net: &IpNetwork, entry: BanEntry) -> Result<(), DataplaneError> {
+        let what = || format!("inserting ban {net}");
+        match net {
+            IpNetwork::V4(n) => {
+                let (len, data) = range::v4_key(n);
+                self.bans_v4
+                    .insert(&Key::new(len, data), entry, 0)
+                    .map_err(map_err(what()))
+            }
+            IpNetwork::V6(n) => {
+                let (len, data) = range::v6_key(n);
+                self.bans_v6
+                    .insert(&Key::new(len, data), entry, 0)
+                    .map_err(map_err(what()))
+            }
+        }
+    }
+
+    /// Removes a ban; absent is not an error.
+    pub fn remove_ban(&mut self, net: &IpNetwork) -> Result<(), DataplaneError> {
+        let r = match net {
+            IpNetwork::V4(n) => {
+                let (len, data) = range::v4_key(n);
+                self.bans_v4.remove(&Key::new(len, data))
+            }
+            IpNetwork::V6(n) => {
+                let (len, data) = range::v6_key(n);
+                self.bans_v6.remove(&Key::new(len, data))
+            }
+        };
+        match r {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(format!("removing ban {net}"))(e)),
+        }
+    }
+
+    /// The kernel's value for a ban that exists in the trie. (A trie lookup is longest-prefix
+    /// match, so callers only ask for ranges they know are present.)
+    pub fn ban_entry(&self, net: &IpNetwork) -> Result<Option<BanEntry>, DataplaneError> {
+        let r = match net {
+            IpNetwork::V4(n) => {
+                let (len, data) = range::v4_key(n);
+                self.bans_v4.get(&Key::new(len, data), 0)
+            }
+            IpNetwork::V6(n) => {
+                let (len, data) = range::v6_key(n);
+                self.bans_v6.get(&Key::new(len, data), 0)
+            }
+        };
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(format!("reading ban {net}"))(e)),
+        }
+    }
+
+    /// Every ban in the kernel's tries.
+    pub fn ban_entries(&self) -> Result<BTreeMap<IpNetwork, BanEntry>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for kv in self.bans_v4.iter() {
+            let (k, v) = kv.map_err(map_err("listing BANS_V4"))?;
+            out.insert(range::from_v4_key(k.prefix_len(), k.data()), v);
+        }
+        for kv in self.bans_v6.iter() {
+            let (k, v) = kv.map_err(map_err("listing BANS_V6"))?;
+            out.insert(range::from_v6_key(k.prefix_len(), k.data()), v);
+        }
+        Ok(out)
+    }
+
+    /// Inserts an allowlist range.
+    pub fn put_allow(&mut self, net: &IpNetwork) -> Result<(), DataplaneError> {
+        let what = || format!("inserting allowlist range {net}");
+        let v = AllowEntry { flags: 0 };
+        match net {
+            IpNetwork::V4(n) => {
+                let (len, data) = range::v4_key(n);
+                self.allow_v4
+                    .insert(&Key::new(len, data), v, 0)
+                    .map_err(map_err(what()))
+            }
+            IpNetwork::V6(n) => {
+                let (len, data) = range::v6_key(n);
+                self.allow_v6
+                    .insert(&Key::new(len, data), v, 0)
+                    .map_err(map_err(what()))
+            }
+        }
+    }
+
+    /// Removes an allowlist range; absent is not an error.
+    pub fn remove_allow(&mut self, net: &IpNetwork) -> Result<(), DataplaneError> {
+        let r = match net {
+            IpNetwork::V4(n) => {
+                let (len, data) = range::v4_key(n);
+                self.allow_v4.remove(&Key::new(len, data))
+            }
+            IpNetwork::V6(n) => {
+                let (len, data) = range::v6_key(n);
+                self.allow_v6.remove(&Key::new(len, data))
+            }
+        };
+        match r {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(format!("removing allowlist range {net}"))(e)),
+        }
+    }
+
+    /// Every allowlist range in the kernel's tries.
+    pub fn allow_entries(&self) -> Result<Vec<IpNetwork>, DataplaneError> {
+        let mut out = Vec::new();
+        for k in self.allow_v4.keys() {
+            let k = k.map_err(map_err("listing ALLOW_V4"))?;
+            out.push(range::from_v4_key(k.prefix_len(), k.data()));
+        }
+        for k in self.allow_v6.keys() {
+            let k = k.map_err(map_err("listing ALLOW_V6"))?;
+            out.push(range::from_v6_key(k.prefix_len(), k.data()));
+        }
+        Ok(out)
+    }
+
+    /// Verdict counters per interface slot, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<Counters>, DataplaneError> {
+        let mut out = vec![[0u64; stat::COUNT as usize]; IFACE_STAT_SLOTS as usize];
+        for (slot, row) in out.iter_mut().enumerate() {
+            for (i, c) in row.iter_mut().enumerate() {
+                let index = slot as u32 * stat::COUNT + i as u32;
+                let per_cpu = self
+                    .stats
+                    .get(&index, 0)
+                    .map_err(map_err("reading STATS"))?;
+                *c = per_cpu.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Makes sure `dir` is on a BPF filesystem, mounting one at /sys/fs/bpf if that is where it
+/// should be and nothing is mounted there yet (it is not mounted at boot on every distribution).
+fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let on_bpffs = |p: &Path| -> bool {
+        // The nearest existing ancestor decides.
+        let mut p = p;
+        loop {
+            if p.exists() {
+                return nix::sys::statfs::statfs(p)
+                    .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+                    .unwrap_or(false);
+            }
+            match p.parent() {
+                Some(parent) => p = parent,
+                None => return false,
+            }
+        }
+    };
+    if on_bpffs(dir) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) {
+        info!("mounting bpffs at /sys/fs/bpf");
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| DataplaneError::Bpffs {
+            path: dir.to_owned(),
+            reason: format!("mounting bpffs at /sys/fs/bpf failed: {e} (the daemon needs root)"),
+        })?;
+        if on_bpffs(dir) {
+            return Ok(());
+        }
+    }
+    Err(DataplaneError::Bpffs {
+        path: dir.to_owned(),
+        reason: "choose a directory under /sys/fs/bpf, or mount one with `mount -t bpf bpf DIR`"
+            .into(),
+    })
+}
+
+/// CLOCK_BOOTTIME now, in nanoseconds: the clock the kernel checks ban expiry against.
+pub fn boot_ns_now() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME is always available on Linux");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}

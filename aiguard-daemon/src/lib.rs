@@ -1,0 +1,22 @@
+//! aiguard: protects an AI inference node at the NIC (XDP) and, in later layers, in the
+//! request path.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, its defaults and validation.
+//! - [`range`]: address ranges as operators type them (parsing, host bits, /0, overlap).
+//! - [`dataplane`]: the XDP program and its maps through aya: load, pin and adopt, attach,
+//!   map reads and writes.
+//! - [`store`]: the embedded store (redb) that keeps bans and the allowlist across restarts.
+//! - [`bans`]: bans and the allowlist as a domain: validation, all-or-nothing batches, expiry,
+//!   keeping store and maps in step.
+//! - [`admin`]: the root-only unix-socket API and its client.
+//! - [`daemon`]: `aiguard run`, start-up order, signals, background tasks.
+//! - [`cli`]: the `aiguard` command line.
+pub mod admin;
+pub mod bans;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod range;
+pub mod store;
