@@ -348,7 +348,10 @@ fn ban(socket: &Path, args: BanArgs) -> anyhow::Result<()> {
         force: args.force,
     };
     match client::call(socket, &request)? {
-        Reply::Banned { bans } => {
+        Reply::Banned {
+            count: distinct,
+            bans,
+        } => {
             if count == 1 {
                 let b = &bans[0];
                 let until = match b.expires_ms {
@@ -362,7 +365,7 @@ fn ban(socket: &Path, args: BanArgs) -> anyhow::Result<()> {
                 };
                 println!("banned {} {until}, reason: {}{mode}", b.range, b.reason);
             } else {
-                println!("banned {} ranges ({} distinct)", count, bans.len());
+                println!("banned {count} ranges ({distinct} distinct)");
             }
             Ok(())
         }

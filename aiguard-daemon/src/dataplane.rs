@@ -127,6 +127,8 @@ pub struct Dataplane {
     log_reader: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     bans_v4: LpmTrie<MapData, [u8; 4], BanEntry>,
     bans_v6: LpmTrie<MapData, [u8; 16], BanEntry>,
+    /// Second handles on the ban tries, for BPF_MAP_UPDATE_BATCH (aya does not expose it).
+    ban_batch_fds: [MapData; 2],
     allow_v4: LpmTrie<MapData, [u8; 4], AllowEntry>,
     allow_v6: LpmTrie<MapData, [u8; 16], AllowEntry>,
     config: Array<MapData, XdpConfig>,
@@ -188,7 +190,13 @@ impl Dataplane {
                 .map_err(map_err(format!("map {}", $name)))?
             };
         }
+        let pinned = |name: &str| {
+            MapData::from_pin(bpffs_dir.join(name))
+                .map_err(map_err(format!("opening pinned map {name}")))
+        };
+        let ban_batch_fds = [pinned(map_name::BANS_V4)?, pinned(map_name::BANS_V6)?];
         Ok(Self {
+            ban_batch_fds,
             bans_v4: take!(LpmTrie, map_name::BANS_V4),
             bans_v6: take!(LpmTrie, map_name::BANS_V6),
             allow_v4: take!(LpmTrie, map_name::ALLOW_V4),
@@ -455,6 +463,56 @@ impl Dataplane {
         }
     }
 
+    /// Inserts or replaces many bans. Sorted input is much faster: each insert then walks the
+    /// part of the trie the previous one just warmed (1M prefixes: ~1 s sorted, ~2.7 s not).
+    /// One BPF_MAP_UPDATE_BATCH syscall per chunk; per-entry updates where the kernel lacks
+    /// batch support for tries.
+    pub fn put_bans(&mut self, bans: &[(IpNetwork, BanEntry)]) -> Result<(), DataplaneError> {
+        let mut v4: Vec<(range::TrieKey<4>, BanEntry)> = Vec::new();
+        let mut v6: Vec<(range::TrieKey<16>, BanEntry)> = Vec::new();
+        for (net, entry) in bans {
+            match net {
+                IpNetwork::V4(n) => v4.push((range::TrieKey::v4(n), *entry)),
+                IpNetwork::V6(n) => v6.push((range::TrieKey::v6(n), *entry)),
+            }
+        }
+        self.update_batch(0, &v4)?;
+        self.update_batch(1, &v6)
+    }
+
+    fn update_batch<const N: usize>(
+        &mut self,
+        which: usize,
+        entries: &[(range::TrieKey<N>, BanEntry)],
+    ) -> Result<(), DataplaneError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        const CHUNK: usize = 1 << 16;
+        let fd = self.ban_batch_fds[which].fd().as_fd().as_raw_fd();
+        for chunk in entries.chunks(CHUNK) {
+            let keys: Vec<range::TrieKey<N>> = chunk.iter().map(|(k, _)| *k).collect();
+            let values: Vec<BanEntry> = chunk.iter().map(|(_, v)| *v).collect();
+            match bpf_update_batch(fd, &keys, &values) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+                    // No batch support for this map type on this kernel: one syscall each.
+                    for (k, v) in chunk {
+                        self.put_ban(&k.network(), *v)?;
+                    }
+                }
+                Err(source) => {
+                    return Err(DataplaneError::Io {
+                        what: format!(
+                            "BPF_MAP_UPDATE_BATCH on the ban table ({} entries)",
+                            chunk.len()
+                        ),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Removes a ban; absent is not an error.
     pub fn remove_ban(&mut self, net: &IpNetwork) -> Result<(), DataplaneError> {
         let r = match net {
@@ -620,6 +678,49 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
         reason: "choose a directory under /sys/fs/bpf, or mount one with `mount -t bpf bpf DIR`"
             .into(),
     })
+}
+
+/// `union bpf_attr` as BPF_MAP_*_BATCH reads it.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+fn bpf_update_batch<K: Copy, V: Copy>(fd: i32, keys: &[K], values: &[V]) -> io::Result<()> {
+    debug_assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: attr points at live key and value arrays of `count` elements each, laid out as the
+    // map's key and value types; the kernel only reads them (and writes back `count`).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// CLOCK_BOOTTIME now, in nanoseconds: the clock the kernel checks ban expiry against.

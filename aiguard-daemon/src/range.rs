@@ -97,6 +97,41 @@ pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     }
 }
 
+/// An LPM trie key laid out as the kernel reads it (`struct bpf_lpm_trie_key`): prefix length,
+/// then the address in network order. For batch updates, which take raw key arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, packed)]
+pub struct TrieKey<const N: usize> {
+    pub prefix_len: u32,
+    pub addr: [u8; N],
+}
+
+impl TrieKey<4> {
+    pub fn v4(net: &Ipv4Network) -> Self {
+        let (prefix_len, addr) = v4_key(net);
+        Self { prefix_len, addr }
+    }
+}
+
+impl TrieKey<16> {
+    pub fn v6(net: &Ipv6Network) -> Self {
+        let (prefix_len, addr) = v6_key(net);
+        Self { prefix_len, addr }
+    }
+}
+
+impl<const N: usize> TrieKey<N> {
+    /// The range this key stands for.
+    pub fn network(&self) -> IpNetwork {
+        let (len, addr) = (self.prefix_len, self.addr);
+        if N == 4 {
+            from_v4_key(len, addr[..4].try_into().expect("4 bytes"))
+        } else {
+            from_v6_key(len, addr[..16].try_into().expect("16 bytes"))
+        }
+    }
+}
+
 /// LPM trie key data for an IPv4 range: (prefix length, address bytes in network order).
 pub fn v4_key(net: &Ipv4Network) -> (u32, [u8; 4]) {
     (u32::from(net.prefix()), net.network().octets())

@@ -17,6 +17,9 @@ use crate::bans::{AllowRecord, BanRecord, BanView};
 /// Largest request line accepted (a ban file of a few million ranges fits).
 pub const MAX_REQUEST_BYTES: usize = 256 << 20;
 
+/// How many bans a `Banned` reply echoes.
+pub const BANNED_ECHO_LIMIT: usize = 100;
+
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -54,6 +57,9 @@ pub enum Request {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Banned {
+        /// Distinct ranges banned.
+        count: usize,
+        /// The first [`BANNED_ECHO_LIMIT`] of them (a million-line file is not echoed back).
         bans: Vec<BanRecord>,
     },
     Unbanned {

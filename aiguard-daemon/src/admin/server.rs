@@ -17,10 +17,11 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    BucketStatus, ErrorKind, InterfaceStatus, MAX_REQUEST_BYTES, Reply, Request, StatusReport,
+    BANNED_ECHO_LIMIT, BucketStatus, ErrorKind, InterfaceStatus, MAX_REQUEST_BYTES, Reply, Request,
+    StatusReport,
 };
 use crate::{
-    bans::{BanError, NewBan, Origin},
+    bans::{BanError, BanSpec, Origin},
     daemon::Node,
 };
 
@@ -195,19 +196,21 @@ pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
             if ranges.is_empty() {
                 return error(ErrorKind::InvalidRequest, "no range given".into(), None);
             }
-            let batch = ranges
-                .into_iter()
-                .map(|range| NewBan {
-                    range,
-                    ttl: ttl_ms.map(Duration::from_millis),
-                    reason: reason.clone(),
-                    shadow,
-                    force,
-                    origin: Origin::Cli,
-                })
-                .collect();
-            match bans.ban(dataplane, batch) {
-                Ok(bans) => Reply::Banned { bans },
+            let spec = BanSpec {
+                ttl: ttl_ms.map(Duration::from_millis),
+                reason,
+                shadow,
+                force,
+                origin: Origin::Cli,
+            };
+            match bans.ban(dataplane, &ranges, &spec) {
+                Ok(mut bans) => Reply::Banned {
+                    count: bans.len(),
+                    bans: {
+                        bans.truncate(BANNED_ECHO_LIMIT);
+                        bans
+                    },
+                },
                 Err(e) => ban_error(e),
             }
         }
