@@ -502,7 +502,9 @@ fn print_status(s: &StatusReport) {
         print!(" {:>14}", i.name);
     }
     println!();
-    for (name, total) in &s.totals {
+    // In verdict order (the report's maps are keyed by name).
+    for name in aiguard_common::stat::NAMES {
+        let total = s.totals.get(name).copied().unwrap_or(0);
         print!("{name:<16} {total:>14}");
         for i in &s.interfaces {
             print!(" {:>14}", i.counters.get(name).copied().unwrap_or(0));
