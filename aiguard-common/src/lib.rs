@@ -81,11 +81,11 @@ pub mod stat {
 /// the code says which kind of decision made the ban.
 pub mod reason {
     /// Banned by an operator (CLI or admin API).
-    pub const MANUAL: u32 = 1;
+    pub const MANUAL: u16 = 1;
     /// Banned by abuse detection on this node.
-    pub const DETECTOR: u32 = 2;
+    pub const DETECTOR: u16 = 2;
     /// Replicated from another node.
-    pub const REPLICATED: u32 = 3;
+    pub const REPLICATED: u16 = 3;
 }
 
 /// `BanEntry::flags`: count matches but do not drop.
@@ -105,7 +105,10 @@ pub struct BanEntry {
     /// Packets that matched this ban (dropped, or counted only for a shadow ban).
     pub hits: u64,
     /// One of [`reason`].
-    pub reason: u32,
+    pub reason: u16,
+    /// The ban's own prefix length (the trie does not return it): when this ban is expired or
+    /// shadow, the kernel looks for a less specific one below it.
+    pub prefix_len: u16,
     /// [`BAN_FLAG_SHADOW`] or 0.
     pub flags: u32,
 }
@@ -194,7 +197,7 @@ mod tests {
 
     #[test]
     fn values_have_no_implicit_padding() {
-        assert_eq!(size_of::<BanEntry>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<BanEntry>(), 8 + 8 + 2 + 2 + 4);
         assert_eq!(core::mem::offset_of!(BanEntry, hits), BAN_ENTRY_HITS_OFFSET);
         assert_eq!(size_of::<AllowEntry>(), 4);
         assert_eq!(size_of::<BucketState>(), 8);

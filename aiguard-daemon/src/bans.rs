@@ -39,7 +39,7 @@ pub enum Origin {
 }
 
 impl Origin {
-    fn reason_code(self) -> u32 {
+    fn reason_code(self) -> u16 {
         match self {
             Self::Cli => reason::MANUAL,
             Self::Detector => reason::DETECTOR,
@@ -570,6 +570,7 @@ fn kernel_entry(rec: &BanRecord, now_ms: u64, boot_now_ns: u64) -> BanEntry {
         expires_boot_ns,
         hits: 0,
         reason: rec.origin.reason_code(),
+        prefix_len: u16::from(rec.range.prefix()),
         flags: if rec.shadow { BAN_FLAG_SHADOW } else { 0 },
     }
 }

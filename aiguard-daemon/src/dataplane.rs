@@ -18,7 +18,7 @@ use aiguard_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -74,6 +74,15 @@ pub enum DataplaneError {
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> DataplaneError {
     let what = what.into();
     move |source| DataplaneError::Map { what, source }
+}
+
+/// A delete of an absent key: aya reports it as a syscall error with ENOENT.
+fn is_absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 fn prog_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> DataplaneError {
@@ -248,11 +257,7 @@ impl Dataplane {
         let ifindex = nix::net::if_::if_nametoindex(interface)
             .map_err(|_| DataplaneError::NoSuchInterface(interface.to_owned()))?;
         let slot = stat_slot.min(IFACE_STAT_SLOTS - 1);
-        if ifindex < IFINDEX_SLOTS {
-            self.iface_slot
-                .set(ifindex, slot, 0)
-                .map_err(map_err("assigning the interface's counter slot"))?;
-        }
+        self.claim_counter_slot(ifindex, slot)?;
 
         let (link, mode, adopted) = match self.adopt_link(interface)? {
             Some((link, mode)) => (Some(link), mode, true),
@@ -279,6 +284,52 @@ impl Dataplane {
             link,
         });
         Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    /// Gives counter slot `slot` to `ifindex` alone. The counters are pinned and adopted, so a
+    /// slot that changes hands (the configured interfaces changed) starts from zero, and no
+    /// other interface keeps writing into it.
+    fn claim_counter_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), DataplaneError> {
+        if ifindex >= IFINDEX_SLOTS {
+            // Counted in slot 0 by the program.
+            return Ok(());
+        }
+        let owned = self
+            .iface_slot
+            .get(&ifindex, 0)
+            .map_err(map_err("reading IFACE_SLOT"))?;
+        let others: Vec<u32> = self
+            .iface_slot
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| (i as u32 != ifindex && s.ok() == Some(slot)).then_some(i as u32))
+            .collect();
+        for other in others {
+            self.iface_slot
+                .set(other, 0, 0)
+                .map_err(map_err("releasing a counter slot"))?;
+        }
+        if owned != slot {
+            let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
+                what: "counting possible CPUs".into(),
+                source,
+            })?;
+            for i in 0..stat::COUNT {
+                let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| {
+                    DataplaneError::Io {
+                        what: "preparing zeroed counters".into(),
+                        source,
+                    }
+                })?;
+                self.stats
+                    .set(slot * stat::COUNT + i, zeros, 0)
+                    .map_err(map_err("zeroing a counter slot"))?;
+            }
+            self.iface_slot
+                .set(ifindex, slot, 0)
+                .map_err(map_err("assigning the interface's counter slot"))?;
+        }
+        Ok(())
     }
 
     fn link_pin(&self, interface: &str, mode: AttachedMode) -> PathBuf {
@@ -444,9 +495,13 @@ impl Dataplane {
             .map_err(map_err("reading the XDP config"))
     }
 
-    /// Inserts or replaces a ban.
+    /// Inserts or replaces a ban (its `prefix_len` is set from `net`).
     pub fn put_ban(&mut self, net: &IpNetwork, entry: BanEntry) -> Result<(), DataplaneError> {
         let what = || format!("inserting ban {net}");
+        let entry = BanEntry {
+            prefix_len: u16::from(net.prefix()),
+            ..entry
+        };
         match net {
             IpNetwork::V4(n) => {
                 let (len, data) = range::v4_key(n);
@@ -471,6 +526,10 @@ impl Dataplane {
         let mut v4: Vec<(range::TrieKey<4>, BanEntry)> = Vec::new();
         let mut v6: Vec<(range::TrieKey<16>, BanEntry)> = Vec::new();
         for (net, entry) in bans {
+            let entry = &BanEntry {
+                prefix_len: u16::from(net.prefix()),
+                ..*entry
+            };
             match net {
                 IpNetwork::V4(n) => v4.push((range::TrieKey::v4(n), *entry)),
                 IpNetwork::V6(n) => v6.push((range::TrieKey::v6(n), *entry)),
@@ -526,8 +585,8 @@ impl Dataplane {
             }
         };
         match r {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(format!("removing ban {net}"))(e)),
+            Err(e) if !is_absent(&e) => Err(map_err(format!("removing ban {net}"))(e)),
+            _ => Ok(()),
         }
     }
 
@@ -546,7 +605,7 @@ impl Dataplane {
         };
         match r {
             Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(map_err(format!("reading ban {net}"))(e)),
         }
     }
@@ -598,8 +657,8 @@ impl Dataplane {
             }
         };
         match r {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(format!("removing allowlist range {net}"))(e)),
+            Err(e) if !is_absent(&e) => Err(map_err(format!("removing allowlist range {net}"))(e)),
+            _ => Ok(()),
         }
     }
 

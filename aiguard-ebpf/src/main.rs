@@ -65,8 +65,11 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPV6_HDR_LEN: usize = 40;
-/// IPv6 extension headers walked before giving up on finding the transport header.
-const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// IPv6 extension headers walked before giving up on finding the transport header (RFC 8200's
+/// recommended order has at most 7, the destination options header appearing twice).
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+/// Bans looked at per packet when more specific ones are expired or shadow.
+const MAX_BAN_LEVELS: usize = 4;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
@@ -182,15 +185,32 @@ fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
     }
 
     let mut now = 0u64;
-    if let Some(ban) = ban_for(src) {
-        now = boot_ns();
+    // The trie answers with the most specific ban. When that one is expired or shadow, a less
+    // specific ban may still cover the source (a shadow /32 inside an enforced /24): look
+    // below it, a bounded number of levels.
+    let mut shadow_matched = false;
+    let mut max_len = if src.v6 { 128 } else { 32 };
+    for _ in 0..MAX_BAN_LEVELS {
+        let Some(ban) = ban_for(src, max_len) else {
+            break;
+        };
+        if now == 0 {
+            now = boot_ns();
+        }
         if ban.expires_boot_ns == 0 || now < ban.expires_boot_ns {
             record_hit(ctx, ban, src);
             if ban.flags & BAN_FLAG_SHADOW == 0 {
                 return (xdp_action::XDP_DROP, stat::DROP_BANNED);
             }
-            count(slot, stat::SHADOW);
+            shadow_matched = true;
         }
+        if ban.prefix_len == 0 {
+            break;
+        }
+        max_len = u32::from(ban.prefix_len) - 1;
+    }
+    if shadow_matched {
+        count(slot, stat::SHADOW);
     }
 
     if let Some(cfg) = CONFIG.get(0)
@@ -248,12 +268,13 @@ fn is_allowlisted(src: Source) -> bool {
     }
 }
 
+/// The most specific ban covering `src` with a prefix of at most `max_len` bits.
 #[inline(always)]
-fn ban_for(src: Source) -> Option<&'static BanEntry> {
+fn ban_for(src: Source, max_len: u32) -> Option<&'static BanEntry> {
     if src.v6 {
-        BANS_V6.get(Key::new(128, src.addr))
+        BANS_V6.get(Key::new(max_len, src.addr))
     } else {
-        BANS_V4.get(Key::new(32, src.v4_bytes()))
+        BANS_V4.get(Key::new(max_len, src.v4_bytes()))
     }
 }
 
@@ -478,10 +499,14 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
                 next = nh;
                 at += (len as usize + 2) * 4;
             }
-            _ => return Parsed::ip(src, parse_transport(ctx, next, at)),
+            _ => break,
         }
     }
-    Parsed::ip(src, Transport::UNPARSED)
+    match next {
+        // Still an extension header: more than this program walks.
+        0 | 43 | 44 | 51 | 60 => Parsed::ip(src, Transport::UNPARSED),
+        _ => Parsed::ip(src, parse_transport(ctx, next, at)),
+    }
 }
 
 #[inline(always)]
@@ -489,8 +514,8 @@ fn parse_transport(ctx: &XdpContext, proto: u8, at: usize) -> Transport {
     // One fixed-size read per header: the verifier tracks a variable offset only through the
     // bounds check of the very pointer that is read.
     match proto {
-        IPPROTO_TCP => match read::<[u8; 14]>(ctx, at) {
-            // Up to the flags byte (13): ports and flags are both there.
+        IPPROTO_TCP => match read::<[u8; 20]>(ctx, at) {
+            // The fixed header: a TCP header cut short is not one to judge by its port.
             Some(h) => Transport {
                 kind: TRANSPORT_PORTS,
                 dport: u16::from_be_bytes([h[2], h[3]]),

@@ -21,7 +21,9 @@ pub fn privileged() -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("this test needs root (BPF, network namespaces) and CI=true: refusing to skip");
     }
-    eprintln!("NOT RUN: this test needs root (BPF, network namespaces); run `cargo xtask test` as root");
+    eprintln!(
+        "NOT RUN: this test needs root (BPF, network namespaces); run `cargo xtask test` as root"
+    );
     false
 }
 
@@ -29,7 +31,8 @@ pub fn privileged() -> bool {
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let name = format!("{prefix}{}{n}", std::process::id() % 100_000);
+    // Fixed-width pid, so that (pid, counter) pairs of two processes never spell the same name.
+    let name = format!("{prefix}{:05}{n}", std::process::id() % 100_000);
     assert!(name.len() <= 15, "{name} is too long for an interface name");
     name
 }

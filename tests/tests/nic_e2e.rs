@@ -613,6 +613,11 @@ fn restart_without_an_interface_detaches_it() {
         .collect();
     assert_eq!(names, ["lo"], "{status}");
     assert_eq!(status["interfaces"][0]["adopted"], true, "{status}");
+    // lo moved into the veth's old counter slot: it must not inherit the veth's drops.
+    assert_eq!(
+        status["interfaces"][0]["counters"]["dropped_banned"], 0,
+        "lo never saw the banned traffic: {status}"
+    );
 }
 
 #[test]
