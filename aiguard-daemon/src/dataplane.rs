@@ -497,25 +497,16 @@ impl Dataplane {
 
     /// Inserts or replaces a ban (its `prefix_len` is set from `net`).
     pub fn put_ban(&mut self, net: &IpNetwork, entry: BanEntry) -> Result<(), DataplaneError> {
-        let what = || format!("inserting ban {net}");
         let entry = BanEntry {
             prefix_len: u16::from(net.prefix()),
             ..entry
         };
-        match net {
-            IpNetwork::V4(n) => {
-                let (len, data) = range::v4_key(n);
-                self.bans_v4
-                    .insert(&Key::new(len, data), entry, 0)
-                    .map_err(map_err(what()))
-            }
-            IpNetwork::V6(n) => {
-                let (len, data) = range::v6_key(n);
-                self.bans_v6
-                    .insert(&Key::new(len, data), entry, 0)
-                    .map_err(map_err(what()))
-            }
-        }
+        by_family(
+            net,
+            |k| self.bans_v4.insert(&k, entry, 0),
+            |k| self.bans_v6.insert(&k, entry, 0),
+        )
+        .map_err(map_err(format!("inserting ban {net}")))
     }
 
     /// Inserts or replaces many bans. Sorted input is much faster: each insert then walks the
@@ -574,17 +565,11 @@ impl Dataplane {
 
     /// Removes a ban; absent is not an error.
     pub fn remove_ban(&mut self, net: &IpNetwork) -> Result<(), DataplaneError> {
-        let r = match net {
-            IpNetwork::V4(n) => {
-                let (len, data) = range::v4_key(n);
-                self.bans_v4.remove(&Key::new(len, data))
-            }
-            IpNetwork::V6(n) => {
-                let (len, data) = range::v6_key(n);
-                self.bans_v6.remove(&Key::new(len, data))
-            }
-        };
-        match r {
+        match by_family(
+            net,
+            |k| self.bans_v4.remove(&k),
+            |k| self.bans_v6.remove(&k),
+        ) {
             Err(e) if !is_absent(&e) => Err(map_err(format!("removing ban {net}"))(e)),
             _ => Ok(()),
         }
@@ -593,17 +578,11 @@ impl Dataplane {
     /// The kernel's value for a ban that exists in the trie. (A trie lookup is longest-prefix
     /// match, so callers only ask for ranges they know are present.)
     pub fn ban_entry(&self, net: &IpNetwork) -> Result<Option<BanEntry>, DataplaneError> {
-        let r = match net {
-            IpNetwork::V4(n) => {
-                let (len, data) = range::v4_key(n);
-                self.bans_v4.get(&Key::new(len, data), 0)
-            }
-            IpNetwork::V6(n) => {
-                let (len, data) = range::v6_key(n);
-                self.bans_v6.get(&Key::new(len, data), 0)
-            }
-        };
-        match r {
+        match by_family(
+            net,
+            |k| self.bans_v4.get(&k, 0),
+            |k| self.bans_v6.get(&k, 0),
+        ) {
             Ok(v) => Ok(Some(v)),
             Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(map_err(format!("reading ban {net}"))(e)),
@@ -626,37 +605,22 @@ impl Dataplane {
 
     /// Inserts an allowlist range.
     pub fn put_allow(&mut self, net: &IpNetwork) -> Result<(), DataplaneError> {
-        let what = || format!("inserting allowlist range {net}");
         let v = AllowEntry { flags: 0 };
-        match net {
-            IpNetwork::V4(n) => {
-                let (len, data) = range::v4_key(n);
-                self.allow_v4
-                    .insert(&Key::new(len, data), v, 0)
-                    .map_err(map_err(what()))
-            }
-            IpNetwork::V6(n) => {
-                let (len, data) = range::v6_key(n);
-                self.allow_v6
-                    .insert(&Key::new(len, data), v, 0)
-                    .map_err(map_err(what()))
-            }
-        }
+        by_family(
+            net,
+            |k| self.allow_v4.insert(&k, v, 0),
+            |k| self.allow_v6.insert(&k, v, 0),
+        )
+        .map_err(map_err(format!("inserting allowlist range {net}")))
     }
 
     /// Removes an allowlist range; absent is not an error.
     pub fn remove_allow(&mut self, net: &IpNetwork) -> Result<(), DataplaneError> {
-        let r = match net {
-            IpNetwork::V4(n) => {
-                let (len, data) = range::v4_key(n);
-                self.allow_v4.remove(&Key::new(len, data))
-            }
-            IpNetwork::V6(n) => {
-                let (len, data) = range::v6_key(n);
-                self.allow_v6.remove(&Key::new(len, data))
-            }
-        };
-        match r {
+        match by_family(
+            net,
+            |k| self.allow_v4.remove(&k),
+            |k| self.allow_v6.remove(&k),
+        ) {
             Err(e) if !is_absent(&e) => Err(map_err(format!("removing allowlist range {net}"))(e)),
             _ => Ok(()),
         }
@@ -690,6 +654,24 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+}
+
+/// Runs `v4` or `v6` with the LPM trie key of `net`.
+fn by_family<R>(
+    net: &IpNetwork,
+    v4: impl FnOnce(Key<[u8; 4]>) -> R,
+    v6: impl FnOnce(Key<[u8; 16]>) -> R,
+) -> R {
+    match net {
+        IpNetwork::V4(n) => {
+            let (len, data) = range::v4_key(n);
+            v4(Key::new(len, data))
+        }
+        IpNetwork::V6(n) => {
+            let (len, data) = range::v6_key(n);
+            v6(Key::new(len, data))
+        }
     }
 }
 
