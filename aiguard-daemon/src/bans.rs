@@ -308,32 +308,35 @@ impl BanList {
             entries.push((rec.range, entry));
         }
 
-        // Kernel and disk at once: they are independent until one of them fails.
-        let store = &self.store;
+        // Kernel and disk at once, and the in-memory index while the disk commits: they are
+        // independent until one of them fails.
         let timed = |f: &mut dyn FnMut() -> Result<(), BanError>| {
             let t = std::time::Instant::now();
             (f(), t.elapsed().as_millis() as u64)
         };
+        let (store, bans, expiries) = (&self.store, &mut self.bans, &mut self.expiries);
         let ((kernel, kernel_ms), (disk, store_ms)) = std::thread::scope(|scope| {
             let disk = scope.spawn(|| timed(&mut || Ok(store.put_bans(&records)?)));
             let kernel = timed(&mut || Ok(dp.put_bans(&entries)?));
+            if kernel.0.is_ok() {
+                index(bans, expiries, &records);
+            }
             (kernel, disk.join().expect("store thread panicked"))
         });
         if let Err(e) = kernel.and(disk) {
+            // Put the index back as it was, whether or not it had been updated.
+            for rec in &records {
+                if let Some(e) = rec.expires_ms {
+                    self.expiries.remove(&(e, rec.range));
+                }
+                self.bans.remove(&rec.range);
+            }
+            let old: Vec<BanRecord> = replaced.iter().map(|(r, _)| r.clone()).collect();
+            index(&mut self.bans, &mut self.expiries, &old);
             self.undo_ban(dp, &records, &replaced);
             return Err(e);
         }
 
-        for rec in &records {
-            if let Some(old) = self.bans.insert(rec.range, rec.clone())
-                && let Some(e) = old.expires_ms
-            {
-                self.expiries.remove(&(e, old.range));
-            }
-            if let Some(e) = rec.expires_ms {
-                self.expiries.insert((e, rec.range));
-            }
-        }
         if let [r] = records.as_slice() {
             info!(range = %r.range, reason = %r.reason, origin = ?r.origin, shadow = r.shadow,
                   expires_ms = ?r.expires_ms, "banned");
@@ -543,6 +546,24 @@ impl BanList {
     /// The allowlist, sorted.
     pub fn allowlist(&self) -> Vec<AllowRecord> {
         self.allow.values().cloned().collect()
+    }
+}
+
+/// Adds records to the in-memory index (replacing any earlier record of the same range).
+fn index(
+    bans: &mut HashMap<IpNetwork, BanRecord>,
+    expiries: &mut BTreeSet<(u64, IpNetwork)>,
+    records: &[BanRecord],
+) {
+    for rec in records {
+        if let Some(old) = bans.insert(rec.range, rec.clone())
+            && let Some(e) = old.expires_ms
+        {
+            expiries.remove(&(e, old.range));
+        }
+        if let Some(e) = rec.expires_ms {
+            expiries.insert((e, rec.range));
+        }
     }
 }
 

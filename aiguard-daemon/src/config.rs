@@ -266,6 +266,19 @@ impl Config {
                 "at least 1 packet (and at most 100000000) when a rate is set",
             ));
         }
+        // The kernel reads a coarse clock for buckets (one jiffy, up to 10 ms): a burst smaller
+        // than one tick's worth of packets would cap the rate below the configured one.
+        let min_burst = b.rate.div_ceil(100);
+        if b.rate > 0 && b.burst < min_burst {
+            return Err(invalid(
+                "xdp.bucket.burst",
+                b.burst,
+                &format!(
+                    "at least {min_burst} packets at rate {} (the bucket's kernel clock ticks every 1-10 ms; a smaller burst would cap the rate below the one set)",
+                    b.rate
+                ),
+            ));
+        }
         if let Some(p) = b.ports.iter().find(|p| **p == 0) {
             return Err(invalid("xdp.bucket.ports", p, "ports from 1 to 65535"));
         }
@@ -374,6 +387,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("xdp.bucket.burst` = 0"), "{err}");
+        let err = parse("[xdp.bucket]\nrate = 100000\nburst = 50\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("at least 1000 packets at rate 100000"),
+            "{err}"
+        );
         let err = parse("[xdp]\nmode = \"turbo\"\n").unwrap_err().to_string();
         assert!(err.contains("turbo") && err.contains("native"), "{err}");
         let err = parse("[xdp]\nsweep_interval = \"soon\"\n")
