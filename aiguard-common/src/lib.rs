@@ -138,6 +138,9 @@ pub const CFG_SYN_ONLY: u32 = 2;
 /// `XdpConfig::flags`: the bucket applies to every destination port (and to non-TCP/UDP traffic).
 pub const CFG_ALL_PORTS: u32 = 4;
 
+/// `XdpConfig::flags`: the allowlist has entries (when it is empty the program skips the lookup).
+pub const CFG_HAS_ALLOWLIST: u32 = 8;
+
 /// Knobs the kernel side reads on every packet (single-entry array). Userspace computes the
 /// GCRA parameters so the kernel only adds and compares.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]

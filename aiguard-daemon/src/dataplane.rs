@@ -14,7 +14,8 @@ use std::{
 };
 
 use aiguard_common::{
-    AllowEntry, BanEntry, IFACE_STAT_SLOTS, IFINDEX_SLOTS, PROGRAM_NAME, XdpConfig, map_name, stat,
+    AllowEntry, BanEntry, CFG_HAS_ALLOWLIST, IFACE_STAT_SLOTS, IFINDEX_SLOTS, PROGRAM_NAME,
+    XdpConfig, map_name, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -146,6 +147,8 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     bpffs_dir: PathBuf,
     attachments: Vec<Attachment>,
+    /// The bucket knobs last set; the config map is these plus flags the dataplane derives.
+    bucket: XdpConfig,
 }
 
 impl Dataplane {
@@ -218,6 +221,7 @@ impl Dataplane {
             log_reader,
             bpffs_dir: bpffs_dir.to_owned(),
             attachments: Vec::new(),
+            bucket: XdpConfig::default(),
         })
     }
 
@@ -483,6 +487,19 @@ impl Dataplane {
                     .map_err(map_err("writing RATE_PORTS"))?;
             }
         }
+        self.bucket = cfg;
+        self.write_config()
+    }
+
+    /// Writes the config map: the bucket knobs, and whether the allowlist has entries.
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
+        let has_allowlist =
+            self.allow_v4.keys().next().is_some() || self.allow_v6.keys().next().is_some();
+        let mut cfg = self.bucket;
+        cfg.flags &= !CFG_HAS_ALLOWLIST;
+        if has_allowlist {
+            cfg.flags |= CFG_HAS_ALLOWLIST;
+        }
         self.config
             .set(0, cfg, 0)
             .map_err(map_err("writing the XDP config"))
@@ -611,7 +628,9 @@ impl Dataplane {
             |k| self.allow_v4.insert(&k, v, 0),
             |k| self.allow_v6.insert(&k, v, 0),
         )
-        .map_err(map_err(format!("inserting allowlist range {net}")))
+        .map_err(map_err(format!("inserting allowlist range {net}")))?;
+        // The entry is in place before the program is told to look.
+        self.write_config()
     }
 
     /// Removes an allowlist range; absent is not an error.
@@ -622,7 +641,7 @@ impl Dataplane {
             |k| self.allow_v6.remove(&k),
         ) {
             Err(e) if !is_absent(&e) => Err(map_err(format!("removing allowlist range {net}"))(e)),
-            _ => Ok(()),
+            _ => self.write_config(),
         }
     }
 

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use std::sync::Arc;
 
@@ -56,10 +56,6 @@ pub struct Store {
     path: PathBuf,
 }
 
-#[expect(
-    clippy::result_large_err,
-    reason = "closures inside a transaction return redb's error as is; it is boxed on the way out"
-)]
 impl Store {
     /// Opens (or creates) the store in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {

@@ -22,8 +22,8 @@ use core::{
 
 use aiguard_common::{
     AllowEntry, BAN_ENTRY_HITS_OFFSET, BAN_FLAG_SHADOW, BanEntry, BucketState, CFG_ALL_PORTS,
-    CFG_RATE_LIMIT, CFG_SYN_ONLY, DEFAULT_BUCKET_ENTRIES, DEFAULT_MAX_BANS, IFACE_STAT_SLOTS,
-    IFINDEX_SLOTS, MAX_ALLOW, PORT_SLOTS, XdpConfig, stat,
+    CFG_HAS_ALLOWLIST, CFG_RATE_LIMIT, CFG_SYN_ONLY, DEFAULT_BUCKET_ENTRIES, DEFAULT_MAX_BANS,
+    IFACE_STAT_SLOTS, IFINDEX_SLOTS, MAX_ALLOW, PORT_SLOTS, XdpConfig, stat,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -180,7 +180,11 @@ fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
     }
     let (src, transport) = (parsed.src, parsed.transport);
 
-    if is_allowlisted(src) {
+    let cfg = CONFIG.get(0);
+    if let Some(cfg) = cfg
+        && cfg.flags & CFG_HAS_ALLOWLIST != 0
+        && is_allowlisted(src)
+    {
         return (xdp_action::XDP_PASS, stat::ALLOWLISTED);
     }
 
@@ -210,7 +214,7 @@ fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
         count(slot, stat::SHADOW);
     }
 
-    if let Some(cfg) = CONFIG.get(0)
+    if let Some(cfg) = cfg
         && bucket_applies(cfg, transport)
     {
         if !take_token(cfg, src, bucket_ns()) {
