@@ -115,6 +115,19 @@ impl Loaded {
         Ok(())
     }
 
+    /// Sets or clears the config flag that makes the program look the allowlist up (the daemon
+    /// sets it exactly when the allowlist has entries); the entry itself stays.
+    pub fn set_allowlist_in_use(&mut self, in_use: bool) -> Result<()> {
+        let mut configs: Array<&mut MapData, XdpConfig> =
+            Array::try_from(self.map_mut(map_name::CONFIG)?)?;
+        let mut config = configs.get(&0, 0).context("reading CONFIG")?;
+        config.flags &= !CFG_HAS_ALLOWLIST;
+        if in_use {
+            config.flags |= CFG_HAS_ALLOWLIST;
+        }
+        configs.set(0, config, 0).context("writing CONFIG")
+    }
+
     /// Inserts `bans` into BANS_V4, one BPF_MAP_UPDATE_ELEM each, in the order given, and
     /// returns how long that took: the raw per-syscall path. (The daemon sorts and batches
     /// instead; its end-to-end figure is the `ban --file` row.)

@@ -168,16 +168,18 @@ impl Report {
             )?;
             writeln!(
                 out,
-                "| bans | banned packet (ns) | passing packet (ns) | trie fill (s) | fill (prefixes/s) |"
+                "| bans | banned packet (ns) | passing packet (ns) | banned, empty allowlist (ns) | passing, empty allowlist (ns) | trie fill (s) | fill (prefixes/s) |"
             )?;
-            writeln!(out, "|---:|---:|---:|---:|---:|")?;
+            writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|")?;
             for row in &prog.rows {
                 writeln!(
                     out,
-                    "| {} | {:.0} | {:.0} | {:.2} | {} |",
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
                     grouped(row.bans as f64),
                     row.ban_ns,
                     row.pass_ns,
+                    row.ban_ns_no_allowlist,
+                    row.pass_ns_no_allowlist,
                     row.fill_secs,
                     grouped(row.fill_per_sec)
                 )?;
