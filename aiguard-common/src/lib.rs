@@ -141,6 +141,16 @@ pub const CFG_ALL_PORTS: u32 = 4;
 /// `XdpConfig::flags`: the allowlist has entries (when it is empty the program skips the lookup).
 pub const CFG_HAS_ALLOWLIST: u32 = 8;
 
+/// `XdpConfig::flags`: the whole allowlist is inline in the config map (`allow_v4`/`allow_v6`),
+/// so the program scans it instead of looking up the trie.
+pub const CFG_ALLOWLIST_INLINE: u32 = 16;
+/// IPv4 allowlist ranges kept inline when the allowlist is this small (the common case: a few
+/// monitoring, office or load-balancer ranges). An LPM trie lookup costs ~25 ns per packet;
+/// scanning a handful of (address, mask) pairs costs a few.
+pub const INLINE_ALLOW_V4: usize = 8;
+/// IPv6 ranges kept inline.
+pub const INLINE_ALLOW_V6: usize = 4;
+
 /// Knobs the kernel side reads on every packet (single-entry array). Userspace computes the
 /// GCRA parameters so the kernel only adds and compares.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -161,6 +171,12 @@ pub struct XdpConfig {
     pub v4_prefix_len: u32,
     /// IPv6 sources share a bucket per prefix of this length (64 by default); informational.
     pub v6_prefix_len: u32,
+    /// Inline allowlist, IPv4: `[address, mask]` in memory order; the first `allow_v4_len` used.
+    pub allow_v4: [[u32; 2]; INLINE_ALLOW_V4],
+    /// Inline allowlist, IPv6: `[address hi, address lo, mask hi, mask lo]` in memory order.
+    pub allow_v6: [[u64; 4]; INLINE_ALLOW_V6],
+    pub allow_v4_len: u32,
+    pub allow_v6_len: u32,
 }
 
 impl XdpConfig {
@@ -204,7 +220,10 @@ mod tests {
         assert_eq!(core::mem::offset_of!(BanEntry, hits), BAN_ENTRY_HITS_OFFSET);
         assert_eq!(size_of::<AllowEntry>(), 4);
         assert_eq!(size_of::<BucketState>(), 8);
-        assert_eq!(size_of::<XdpConfig>(), 8 + 8 + 16 + 4 * 4);
+        assert_eq!(
+            size_of::<XdpConfig>(),
+            8 + 8 + 16 + 4 * 4 + 8 * INLINE_ALLOW_V4 + 32 * INLINE_ALLOW_V6 + 8
+        );
     }
 
     #[test]

@@ -197,7 +197,11 @@ impl BanList {
         for rec in bans.values() {
             let want = kernel_entry(rec, now, boot_now);
             match in_kernel.remove(&rec.range) {
-                Some(have) if have.reason == want.reason && have.flags == want.flags => {
+                Some(have)
+                    if have.reason == want.reason
+                        && have.flags == want.flags
+                        && have.prefix_len == want.prefix_len =>
+                {
                     report.adopted += 1;
                 }
                 have => dp.put_ban(

@@ -14,8 +14,8 @@ use std::{
 };
 
 use aiguard_common::{
-    AllowEntry, BanEntry, CFG_HAS_ALLOWLIST, IFACE_STAT_SLOTS, IFINDEX_SLOTS, PROGRAM_NAME,
-    XdpConfig, map_name, stat,
+    AllowEntry, BanEntry, CFG_ALLOWLIST_INLINE, CFG_HAS_ALLOWLIST, IFACE_STAT_SLOTS, IFINDEX_SLOTS,
+    INLINE_ALLOW_V4, INLINE_ALLOW_V6, PROGRAM_NAME, XdpConfig, map_name, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -161,6 +161,7 @@ impl Dataplane {
         })?;
         // Pins are the kernel's state: only root may read or change them.
         let _ = std::fs::set_permissions(bpffs_dir, std::fs::Permissions::from_mode(0o700));
+        retire_incompatible_pins(bpffs_dir, max_bans)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs_dir)
@@ -491,14 +492,50 @@ impl Dataplane {
         self.write_config()
     }
 
-    /// Writes the config map: the bucket knobs, and whether the allowlist has entries.
+    /// Writes the config map: the bucket knobs, whether the allowlist has entries, and the
+    /// allowlist itself when it is small enough to scan inline.
     fn write_config(&mut self) -> Result<(), DataplaneError> {
-        let has_allowlist =
-            self.allow_v4.keys().next().is_some() || self.allow_v6.keys().next().is_some();
+        let allow = self.allow_entries()?;
         let mut cfg = self.bucket;
-        cfg.flags &= !CFG_HAS_ALLOWLIST;
-        if has_allowlist {
+        cfg.flags &= !(CFG_HAS_ALLOWLIST | CFG_ALLOWLIST_INLINE);
+        cfg.allow_v4 = Default::default();
+        cfg.allow_v6 = Default::default();
+        cfg.allow_v4_len = 0;
+        cfg.allow_v6_len = 0;
+        if !allow.is_empty() {
             cfg.flags |= CFG_HAS_ALLOWLIST;
+            let v4: Vec<_> = allow
+                .iter()
+                .filter_map(|n| match n {
+                    IpNetwork::V4(n) => Some(*n),
+                    IpNetwork::V6(_) => None,
+                })
+                .collect();
+            let v6: Vec<_> = allow
+                .iter()
+                .filter_map(|n| match n {
+                    IpNetwork::V6(n) => Some(*n),
+                    IpNetwork::V4(_) => None,
+                })
+                .collect();
+            if v4.len() <= INLINE_ALLOW_V4 && v6.len() <= INLINE_ALLOW_V6 {
+                cfg.flags |= CFG_ALLOWLIST_INLINE;
+                for (slot, n) in cfg.allow_v4.iter_mut().zip(&v4) {
+                    *slot = [
+                        u32::from_ne_bytes(n.network().octets()),
+                        u32::from_ne_bytes(n.mask().octets()),
+                    ];
+                }
+                for (slot, n) in cfg.allow_v6.iter_mut().zip(&v6) {
+                    let (net, mask) = (n.network().octets(), n.mask().octets());
+                    let half = |b: &[u8; 16], i: usize| {
+                        u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+                    };
+                    *slot = [half(&net, 0), half(&net, 8), half(&mask, 0), half(&mask, 8)];
+                }
+                cfg.allow_v4_len = v4.len() as u32;
+                cfg.allow_v6_len = v6.len() as u32;
+            }
         }
         self.config
             .set(0, cfg, 0)
@@ -674,6 +711,95 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// The maps this build's program expects: (name, key size, value size, capacity if fixed by
+/// the daemon's configuration).
+fn expected_maps(max_bans: u32) -> [(&'static str, usize, usize, Option<u32>); 10] {
+    use std::mem::size_of;
+    let trie_key = |n: usize| 4 + n;
+    [
+        (
+            map_name::BANS_V4,
+            trie_key(4),
+            size_of::<BanEntry>(),
+            Some(max_bans),
+        ),
+        (
+            map_name::BANS_V6,
+            trie_key(16),
+            size_of::<BanEntry>(),
+            Some(max_bans),
+        ),
+        (
+            map_name::ALLOW_V4,
+            trie_key(4),
+            size_of::<AllowEntry>(),
+            None,
+        ),
+        (
+            map_name::ALLOW_V6,
+            trie_key(16),
+            size_of::<AllowEntry>(),
+            None,
+        ),
+        (
+            map_name::BUCKETS_V4,
+            4,
+            size_of::<aiguard_common::BucketState>(),
+            None,
+        ),
+        (
+            map_name::BUCKETS_V6,
+            16,
+            size_of::<aiguard_common::BucketState>(),
+            None,
+        ),
+        (map_name::CONFIG, 4, size_of::<XdpConfig>(), None),
+        (map_name::RATE_PORTS, 4, 4, None),
+        (map_name::IFACE_SLOT, 4, 4, None),
+        (map_name::STATS, 4, 8, None),
+    ]
+}
+
+/// aya reuses a pinned map whatever its shape. A pin left by an aiguard whose map layout differs
+/// (an upgrade), or a ban table of another capacity (`max_bans` changed), is removed so that a
+/// map of the right shape is created: bans and the allowlist are then rebuilt from the store;
+/// counters and buckets start afresh. The interface stays protected meanwhile: the pinned link
+/// keeps the old program (and its maps) until the new program is swapped in.
+fn retire_incompatible_pins(dir: &Path, max_bans: u32) -> Result<(), DataplaneError> {
+    for (name, key_size, value_size, capacity) in expected_maps(max_bans) {
+        let pin = dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let reason = match aya::maps::MapInfo::from_pin(&pin) {
+            Err(e) => Some(format!("unreadable: {e}")),
+            Ok(info) => {
+                let (k, v, max) = (info.key_size(), info.value_size(), info.max_entries());
+                if k as usize != key_size || v as usize != value_size {
+                    Some(format!(
+                        "key/value size {k}/{v}, this version uses {key_size}/{value_size}"
+                    ))
+                } else if capacity.is_some_and(|c| c != max) {
+                    Some(format!(
+                        "capacity {max}, configured {}",
+                        capacity.unwrap_or_default()
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(reason) = reason {
+            warn!(map = name, %reason, "pinned map does not fit this version or configuration: recreating it (bans and allowlist are restored from the store)");
+            std::fs::remove_file(&pin).map_err(|source| DataplaneError::Io {
+                what: format!("removing the pin {}", pin.display()),
+                source,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs `v4` or `v6` with the LPM trie key of `net`.

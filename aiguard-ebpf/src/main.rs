@@ -22,8 +22,9 @@ use core::{
 
 use aiguard_common::{
     AllowEntry, BAN_ENTRY_HITS_OFFSET, BAN_FLAG_SHADOW, BanEntry, BucketState, CFG_ALL_PORTS,
-    CFG_HAS_ALLOWLIST, CFG_RATE_LIMIT, CFG_SYN_ONLY, DEFAULT_BUCKET_ENTRIES, DEFAULT_MAX_BANS,
-    IFACE_STAT_SLOTS, IFINDEX_SLOTS, MAX_ALLOW, PORT_SLOTS, XdpConfig, stat,
+    CFG_ALLOWLIST_INLINE, CFG_HAS_ALLOWLIST, CFG_RATE_LIMIT, CFG_SYN_ONLY, DEFAULT_BUCKET_ENTRIES,
+    DEFAULT_MAX_BANS, IFACE_STAT_SLOTS, IFINDEX_SLOTS, INLINE_ALLOW_V4, INLINE_ALLOW_V6, MAX_ALLOW,
+    PORT_SLOTS, XdpConfig, stat,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -183,7 +184,7 @@ fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
     let cfg = CONFIG.get(0);
     if let Some(cfg) = cfg
         && cfg.flags & CFG_HAS_ALLOWLIST != 0
-        && is_allowlisted(src)
+        && is_allowlisted(cfg, src)
     {
         return (xdp_action::XDP_PASS, stat::ALLOWLISTED);
     }
@@ -268,12 +269,46 @@ fn count(slot: u32, counter: u32) {
 }
 
 #[inline(always)]
-fn is_allowlisted(src: Source) -> bool {
+fn is_allowlisted(cfg: &XdpConfig, src: Source) -> bool {
+    if cfg.flags & CFG_ALLOWLIST_INLINE != 0 {
+        return in_inline_allowlist(cfg, src);
+    }
     if src.v6 {
         ALLOW_V6.get(Key::new(128, src.addr)).is_some()
     } else {
         ALLOW_V4.get(Key::new(32, src.v4_bytes())).is_some()
     }
+}
+
+/// Scans the few allowlist ranges the daemon keeps in the config map.
+#[inline(always)]
+fn in_inline_allowlist(cfg: &XdpConfig, src: Source) -> bool {
+    if src.v6 {
+        let a = &src.addr;
+        let hi = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+        let lo = u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+        for i in 0..INLINE_ALLOW_V6 {
+            if i as u32 >= cfg.allow_v6_len {
+                break;
+            }
+            let [net_hi, net_lo, mask_hi, mask_lo] = cfg.allow_v6[i];
+            if hi & mask_hi == net_hi && lo & mask_lo == net_lo {
+                return true;
+            }
+        }
+    } else {
+        let addr = u32::from_ne_bytes(src.v4_bytes());
+        for i in 0..INLINE_ALLOW_V4 {
+            if i as u32 >= cfg.allow_v4_len {
+                break;
+            }
+            let [net, mask] = cfg.allow_v4[i];
+            if addr & mask == net {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// The most specific ban covering `src` with a prefix of at most `max_len` bits.

@@ -17,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use aiguard_common::{BAN_FLAG_SHADOW, BanEntry, reason, stat};
+use aiguard_common::{
+    BAN_FLAG_SHADOW, BanEntry, CFG_ALLOWLIST_INLINE, INLINE_ALLOW_V4, reason, stat,
+};
 use aiguard_daemon::{
     config::BucketSettings,
     dataplane::{Counters, Dataplane, boot_ns_now},
@@ -679,6 +681,64 @@ fn allowlisted_source_passes_a_covering_ban_without_counting_a_hit() {
             "allowlisted, limited port",
         );
     }
+}
+
+#[test]
+fn large_allowlist_is_looked_up_in_the_trie_and_small_one_inline() {
+    if !privileged() {
+        return;
+    }
+    let mut xdp = Xdp::load();
+    xdp.ban("198.51.100.0/24", 0, 0);
+    xdp.ban("2001:db8:b::/48", 0, 0);
+    // Up to INLINE_ALLOW_V4 ranges the daemon writes the allowlist into the config map...
+    xdp.allow("198.51.100.1/32");
+    xdp.allow("2001:db8:b::1/128");
+    let inline = |xdp: &Xdp| {
+        xdp.dp.bucket_config().expect("reading the config").flags & CFG_ALLOWLIST_INLINE != 0
+    };
+    assert!(inline(&xdp), "one range each: inline");
+    let allowed = |xdp: &Xdp, what: &str| {
+        xdp.check(
+            &tcp4([198, 51, 100, 1], 443),
+            Pass,
+            &[stat::ALLOWLISTED],
+            what,
+        );
+        xdp.check(
+            &tcp6("2001:db8:b::1", 443),
+            Pass,
+            &[stat::ALLOWLISTED],
+            what,
+        );
+        xdp.check(
+            &tcp4([198, 51, 100, 2], 443),
+            Drop,
+            &[stat::DROP_BANNED],
+            what,
+        );
+        xdp.check(
+            &tcp6("2001:db8:b::2", 443),
+            Drop,
+            &[stat::DROP_BANNED],
+            what,
+        );
+    };
+    allowed(&xdp, "inline allowlist");
+    // ...beyond that, the program looks the trie up.
+    for i in 0..INLINE_ALLOW_V4 as u8 {
+        xdp.allow(&format!("203.0.113.{i}/32"));
+    }
+    assert!(!inline(&xdp), "more ranges than fit inline");
+    allowed(&xdp, "allowlist in the trie");
+    // Back under the limit, back inline.
+    for i in 0..INLINE_ALLOW_V4 as u8 {
+        xdp.dp
+            .remove_allow(&range(&format!("203.0.113.{i}/32")))
+            .expect("removing an allowlist range");
+    }
+    assert!(inline(&xdp));
+    allowed(&xdp, "inline again");
 }
 
 #[test]

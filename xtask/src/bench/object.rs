@@ -15,7 +15,8 @@ use std::{
 };
 
 use aiguard_common::{
-    AllowEntry, BanEntry, CFG_HAS_ALLOWLIST, CFG_RATE_LIMIT, XdpConfig, map_name, reason, stat,
+    AllowEntry, BanEntry, CFG_ALLOWLIST_INLINE, CFG_HAS_ALLOWLIST, CFG_RATE_LIMIT, XdpConfig,
+    map_name, reason, stat,
 };
 use anyhow::{Context as _, Result};
 use aya::{
@@ -97,10 +98,18 @@ impl Loaded {
         allow
             .insert(&Key::new(24, [192, 0, 2, 0]), AllowEntry { flags: 0 }, 0)
             .context("writing ALLOW_V4")?;
+        // As the daemon writes a small allowlist: inline in the config as well as in the trie.
+        let mut allow_v4 = [[0u32; 2]; aiguard_common::INLINE_ALLOW_V4];
+        allow_v4[0] = [
+            u32::from_ne_bytes([192, 0, 2, 0]),
+            u32::from_ne_bytes([255, 255, 255, 0]),
+        ];
         let config = XdpConfig {
             emission_ns: 1,
             tolerance_ns: 1_000_000_000,
-            flags: CFG_RATE_LIMIT | CFG_HAS_ALLOWLIST,
+            flags: CFG_RATE_LIMIT | CFG_HAS_ALLOWLIST | CFG_ALLOWLIST_INLINE,
+            allow_v4,
+            allow_v4_len: 1,
             ..XdpConfig::default()
         }
         .with_prefixes(32, 64);
