@@ -217,10 +217,9 @@ fn decide(ctx: &XdpContext, slot: u32) -> (u32, u32) {
 
     if let Some(cfg) = cfg
         && bucket_applies(cfg, transport)
+        && !take_token(cfg, src, bucket_ns())
     {
-        if !take_token(cfg, src, bucket_ns()) {
-            return (xdp_action::XDP_DROP, stat::DROP_RATE);
-        }
+        return (xdp_action::XDP_DROP, stat::DROP_RATE);
     }
 
     if transport.kind == TRANSPORT_UNPARSED {
