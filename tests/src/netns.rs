@@ -214,7 +214,13 @@ impl VethPair {
             (client, &client_if, client_addrs),
         ] {
             for a in addrs {
-                ns.ip(&["addr", "add", a, "dev", ifname]);
+                if a.contains(':') {
+                    // No duplicate address detection: the address is usable at once, instead
+                    // of "tentative" (bind fails) for a second or two.
+                    ns.ip(&["addr", "add", a, "dev", ifname, "nodad"]);
+                } else {
+                    ns.ip(&["addr", "add", a, "dev", ifname]);
+                }
             }
             ns.ip(&["link", "set", ifname, "up"]);
         }

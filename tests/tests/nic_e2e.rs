@@ -229,6 +229,77 @@ fn ban_drops_only_the_banned_range_and_unban_lets_it_back() {
 }
 
 #[test]
+fn ipv6_ban_drops_only_the_banned_range() {
+    if !aiguard_tests::privileged() {
+        return;
+    }
+    let x = next_subnet();
+    let (server, client) = (Netns::new(), Netns::new());
+    // Machines of this kind start new interfaces with IPv6 disabled: enable it in the test's
+    // own namespaces (these sysctls are per namespace) before the veth pair exists.
+    for ns in [&server, &client] {
+        ns.run(|| {
+            for knob in ["all", "default"] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "0")
+                    .expect("enabling IPv6 in the test namespace");
+            }
+        });
+    }
+    let addr = |range: &str, host: u8| format!("fd31:{x}:{range}::{host}");
+    let veth = VethPair::new(
+        &server,
+        &[
+            &format!("{}/64", addr("a", 1)),
+            &format!("{}/64", addr("b", 1)),
+        ],
+        &client,
+        &[
+            &format!("{}/64", addr("a", 2)),
+            &format!("{}/64", addr("b", 2)),
+        ],
+    );
+    let ip = |s: String| -> IpAddr { s.parse().expect("a test address") };
+    let service_a = SocketAddr::new(ip(addr("a", 1)), SERVICE_PORT);
+    let service_b = SocketAddr::new(ip(addr("b", 1)), SERVICE_PORT);
+    let _service = TcpService::start(&server, &[service_a, service_b], TRAFFIC_LIFETIME);
+    let daemon = Daemon::start(&server, &["-i", veth.server_if.as_str()]);
+    let reach = |range: &str, service: SocketAddr, wait: Duration| {
+        connect_from(&client, ip(addr(range, 2)), service, wait)
+    };
+    assert_eq!(
+        reach("a", service_a, OPEN_WAIT),
+        Reach::Connected,
+        "before the ban"
+    );
+
+    let banned = format!("fd31:{x}:a::/64");
+    daemon.cli_ok(&["ban", &banned, "--reason", "ipv6 scraper"]);
+    assert_eq!(
+        reach("a", service_a, BLOCKED_WAIT),
+        Reach::TimedOut,
+        "the banned /64 gets no answer"
+    );
+    assert_eq!(
+        reach("b", service_b, OPEN_WAIT),
+        Reach::Connected,
+        "a neighbouring /64 is untouched"
+    );
+    let bans = daemon.cli_json(&["bans", "--json"]);
+    let ban = bans
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["range"] == banned.as_str()))
+        .unwrap_or_else(|| panic!("{banned} is listed: {bans}"));
+    assert!(hits(ban) > 0, "the ban counted the dropped SYN: {ban}");
+
+    daemon.cli_ok(&["unban", &banned]);
+    assert_eq!(
+        reach("a", service_a, OPEN_WAIT),
+        Reach::Connected,
+        "after the unban"
+    );
+}
+
+#[test]
 fn ttl_ban_stops_dropping_when_it_expires_and_is_swept() {
     if !aiguard_tests::privileged() {
         return;
