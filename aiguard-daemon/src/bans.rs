@@ -342,8 +342,15 @@ impl BanList {
         }
 
         if let [r] = records.as_slice() {
+            let expires = r.expires_ms.map_or_else(
+                || "never".to_owned(),
+                |ms| {
+                    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms))
+                        .to_string()
+                },
+            );
             info!(range = %r.range, reason = %r.reason, origin = ?r.origin, shadow = r.shadow,
-                  expires_ms = ?r.expires_ms, "banned");
+                  %expires, "banned");
         } else {
             info!(
                 count = records.len(),
