@@ -193,26 +193,34 @@ impl BanList {
         report.expired = expired.len();
         store.remove_bans(&expired)?;
 
+        // A smaller xdp.max_bans than the store holds: say so, rather than fail mid-insert.
+        for (family, is_v4) in [("IPv4", true), ("IPv6", false)] {
+            if bans.keys().filter(|r| r.is_ipv4() == is_v4).count() > max_bans as usize {
+                return Err(BanError::Full {
+                    family,
+                    max: max_bans,
+                });
+            }
+        }
+
         let mut in_kernel = dp.ban_entries()?;
+        let mut missing: Vec<(IpNetwork, BanEntry)> = Vec::new();
         for rec in bans.values() {
             let want = kernel_entry(rec, now, boot_now);
             match in_kernel.remove(&rec.range) {
-                Some(have)
-                    if have.reason == want.reason
-                        && have.flags == want.flags
-                        && have.prefix_len == want.prefix_len =>
-                {
-                    report.adopted += 1;
-                }
-                have => dp.put_ban(
-                    &rec.range,
+                Some(have) if same_ban(&have, &want) => report.adopted += 1,
+                have => missing.push((
+                    rec.range,
                     BanEntry {
                         hits: have.map_or(0, |h| h.hits),
                         ..want
                     },
-                )?,
+                )),
             }
         }
+        // One sorted batch: after a reboot this is every ban.
+        missing.sort_by_key(|(r, _)| *r);
+        dp.put_bans(&missing)?;
         for orphan in in_kernel.keys() {
             dp.remove_ban(orphan)?;
         }
@@ -458,8 +466,16 @@ impl BanList {
         let Some(rec) = self.bans.get(&range).cloned() else {
             return Err(BanError::NotBanned(range));
         };
-        self.store.remove_bans(&[range])?;
+        let prior = dp.ban_entry(&range)?;
         dp.remove_ban(&range)?;
+        if let Err(e) = self.store.remove_bans(&[range]) {
+            if let Some(p) = prior
+                && let Err(re) = dp.put_ban(&range, p)
+            {
+                warn!(%range, error = %re, "could not restore a kernel ban entry; the next restart reconciles it");
+            }
+            return Err(e.into());
+        }
         self.forget(&rec);
         info!(%range, "unbanned");
         Ok(rec)
@@ -547,8 +563,13 @@ impl BanList {
         let Some(rec) = self.allow.get(&range).cloned() else {
             return Err(BanError::NotAllowed(range));
         };
-        self.store.remove_allow(&range)?;
         dp.remove_allow(&range)?;
+        if let Err(e) = self.store.remove_allow(&range) {
+            if let Err(re) = dp.put_allow(&range) {
+                warn!(%range, error = %re, "could not restore a kernel allowlist entry; the next restart reconciles it");
+            }
+            return Err(e.into());
+        }
         self.allow.remove(&range);
         info!(%range, "removed from the allowlist");
         Ok(rec)
@@ -558,6 +579,16 @@ impl BanList {
     pub fn allowlist(&self) -> Vec<AllowRecord> {
         self.allow.values().cloned().collect()
     }
+}
+
+/// Whether a pinned kernel entry already says what the store says. Expiries were computed from
+/// the wall clock at different moments, so they match within a second.
+fn same_ban(have: &BanEntry, want: &BanEntry) -> bool {
+    have.reason == want.reason
+        && have.flags == want.flags
+        && have.prefix_len == want.prefix_len
+        && (have.expires_boot_ns == 0) == (want.expires_boot_ns == 0)
+        && have.expires_boot_ns.abs_diff(want.expires_boot_ns) < 1_000_000_000
 }
 
 /// Adds records to the in-memory index (replacing any earlier record of the same range).

@@ -132,9 +132,16 @@ pub struct BanArgs {
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| {
+    let ttl = humantime::parse_duration(s).map_err(|e| {
         format!("invalid TTL {s:?} ({e}): expected a duration such as 90s, 30m, 1h, 1h30m or 7d")
-    })
+    })?;
+    // Refused here rather than wrapped into a short TTL on the way to the daemon.
+    if ttl > crate::bans::MAX_TTL {
+        return Err(format!(
+            "TTL {s:?} is longer than 10 years; omit --ttl for a ban that lasts until unbanned"
+        ));
+    }
+    Ok(ttl)
 }
 
 impl RunArgs {
@@ -530,6 +537,8 @@ mod tests {
         assert_eq!(parse_ttl("1h30m").unwrap(), Duration::from_secs(5400));
         let err = parse_ttl("1x").unwrap_err();
         assert!(err.contains("90s, 30m, 1h"), "{err}");
+        let err = parse_ttl("600000000y").unwrap_err();
+        assert!(err.contains("longer than 10 years"), "{err}");
     }
 
     #[test]

@@ -232,6 +232,30 @@ impl Config {
                 ));
             }
         }
+        let max = aiguard_common::IFACE_STAT_SLOTS as usize - 1;
+        if x.interfaces.len() > max {
+            return Err(invalid(
+                "xdp.interfaces",
+                format!("{} interfaces", x.interfaces.len()),
+                &format!("at most {max} interfaces per daemon (run a second daemon for more)"),
+            ));
+        }
+        if let Some((i, dup)) = x
+            .interfaces
+            .iter()
+            .enumerate()
+            .find(|(i, n)| x.interfaces[..*i].contains(n))
+        {
+            return Err(invalid(
+                "xdp.interfaces",
+                format!(
+                    "{dup:?} (listed twice, at positions {} and {})",
+                    x.interfaces.iter().position(|n| n == dup).unwrap_or(0) + 1,
+                    i + 1
+                ),
+                "each interface once",
+            ));
+        }
         if !(1..=1 << 24).contains(&x.max_bans) {
             return Err(invalid(
                 "xdp.max_bans",
@@ -394,6 +418,18 @@ mod tests {
             err.contains("at least 1000 packets at rate 100000"),
             "{err}"
         );
+        let err = parse("[xdp]\ninterfaces = [\"eth0\", \"eth1\", \"eth0\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listed twice") && err.contains("xdp.interfaces"),
+            "{err}"
+        );
+        let many: Vec<String> = (0..16).map(|i| format!("\"eth{i}\"")).collect();
+        let err = parse(&format!("[xdp]\ninterfaces = [{}]\n", many.join(",")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 15 interfaces"), "{err}");
         let err = parse("[xdp]\nmode = \"turbo\"\n").unwrap_err().to_string();
         assert!(err.contains("turbo") && err.contains("native"), "{err}");
         let err = parse("[xdp]\nsweep_interval = \"soon\"\n")

@@ -65,12 +65,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 }
 
 async fn serve(config: Config, listener: tokio::net::UnixListener) -> Result<(), StartError> {
+    // First, so that a SIGTERM during a long start-up still takes the clean way out.
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+
     let store = Store::open(&config.daemon.state_dir)?;
     let mut dataplane = Dataplane::load(&config.daemon.bpffs_dir, config.xdp.max_bans)?;
-    dataplane.detach_unconfigured(&config.xdp.interfaces);
-    for (i, iface) in config.xdp.interfaces.iter().enumerate() {
-        dataplane.attach(iface, config.xdp.mode, i as u32 + 1)?;
-    }
+    // Fill the maps before the program goes onto the interfaces: a freshly loaded program is
+    // swapped into a pinned link at once, and it must not run against empty tables meanwhile.
     dataplane.set_bucket(config.xdp.bucket.to_kernel(), &config.xdp.bucket.ports)?;
     let (bans, report) = BanList::restore(store, &mut dataplane, config.xdp.max_bans)?;
     info!(
@@ -81,6 +83,10 @@ async fn serve(config: Config, listener: tokio::net::UnixListener) -> Result<(),
         allowlist = report.allowlist,
         "state restored"
     );
+    dataplane.detach_unconfigured(&config.xdp.interfaces);
+    for (i, iface) in config.xdp.interfaces.iter().enumerate() {
+        dataplane.attach(iface, config.xdp.mode, i as u32 + 1)?;
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let log_task = dataplane.take_log_reader().map(|reader| {
@@ -110,8 +116,6 @@ async fn serve(config: Config, listener: tokio::net::UnixListener) -> Result<(),
     }));
     info!(socket = %node.lock().unwrap_or_else(|p| p.into_inner()).config.daemon.admin_socket.display(), "aiguard ready");
 
-    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),

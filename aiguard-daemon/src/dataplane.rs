@@ -149,6 +149,8 @@ pub struct Dataplane {
     attachments: Vec<Attachment>,
     /// The bucket knobs last set; the config map is these plus flags the dataplane derives.
     bucket: XdpConfig,
+    /// Exclusive lock on the pin directory: one daemon per set of pins.
+    _pins_lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Dataplane {
@@ -161,6 +163,7 @@ impl Dataplane {
         })?;
         // Pins are the kernel's state: only root may read or change them.
         let _ = std::fs::set_permissions(bpffs_dir, std::fs::Permissions::from_mode(0o700));
+        let pins_lock = lock_pins(bpffs_dir)?;
         retire_incompatible_pins(bpffs_dir, max_bans)?;
 
         let mut ebpf = EbpfLoader::new()
@@ -223,6 +226,7 @@ impl Dataplane {
             bpffs_dir: bpffs_dir.to_owned(),
             attachments: Vec::new(),
             bucket: XdpConfig::default(),
+            _pins_lock: pins_lock,
         })
     }
 
@@ -264,7 +268,7 @@ impl Dataplane {
         let slot = stat_slot.min(IFACE_STAT_SLOTS - 1);
         self.claim_counter_slot(ifindex, slot)?;
 
-        let (link, mode, adopted) = match self.adopt_link(interface)? {
+        let (link, mode, adopted) = match self.adopt_link(interface, mode)? {
             Some((link, mode)) => (Some(link), mode, true),
             None => {
                 let (link, mode) = self.attach_fresh(interface, mode)?;
@@ -347,10 +351,28 @@ impl Dataplane {
     fn adopt_link(
         &mut self,
         interface: &str,
+        wanted: AttachMode,
     ) -> Result<Option<(FdLink, AttachedMode)>, DataplaneError> {
         for mode in [AttachedMode::Native, AttachedMode::Generic] {
             let pin = self.link_pin(interface, mode);
             if !pin.exists() {
+                continue;
+            }
+            let fits = matches!(
+                (wanted, mode),
+                (AttachMode::Auto, _)
+                    | (AttachMode::Native, AttachedMode::Native)
+                    | (AttachMode::Generic, AttachedMode::Generic)
+            );
+            if !fits {
+                // A mode change: the old link must go before a new one can attach (one XDP
+                // link per interface), so the interface is briefly unprotected.
+                warn!(
+                    interface,
+                    from = mode.as_str(),
+                    "attach mode changed: detaching the old program to attach in the configured mode"
+                );
+                let _ = std::fs::remove_file(&pin);
                 continue;
             }
             let adopted = PinnedLink::from_pin(&pin)
@@ -495,7 +517,17 @@ impl Dataplane {
     /// Writes the config map: the bucket knobs, whether the allowlist has entries, and the
     /// allowlist itself when it is small enough to scan inline.
     fn write_config(&mut self) -> Result<(), DataplaneError> {
-        let allow = self.allow_entries()?;
+        // Only as many entries as fit inline (plus one, to know when they do not): a single
+        // allowlist change costs a handful of syscalls, whatever the allowlist's size.
+        let mut allow = Vec::new();
+        for k in self.allow_v4.keys().take(INLINE_ALLOW_V4 + 1) {
+            let k = k.map_err(map_err("listing ALLOW_V4"))?;
+            allow.push(range::from_v4_key(k.prefix_len(), k.data()));
+        }
+        for k in self.allow_v6.keys().take(INLINE_ALLOW_V6 + 1) {
+            let k = k.map_err(map_err("listing ALLOW_V6"))?;
+            allow.push(range::from_v6_key(k.prefix_len(), k.data()));
+        }
         let mut cfg = self.bucket;
         cfg.flags &= !(CFG_HAS_ALLOWLIST | CFG_ALLOWLIST_INLINE);
         cfg.allow_v4 = Default::default();
@@ -629,8 +661,7 @@ impl Dataplane {
         }
     }
 
-    /// The kernel's value for a ban that exists in the trie. (A trie lookup is longest-prefix
-    /// match, so callers only ask for ranges they know are present.)
+    /// The kernel's value for exactly this ban, if the trie holds it.
     pub fn ban_entry(&self, net: &IpNetwork) -> Result<Option<BanEntry>, DataplaneError> {
         match by_family(
             net,
@@ -711,6 +742,24 @@ impl Dataplane {
         }
         Ok(out)
     }
+}
+
+/// Takes the pin directory for this daemon alone: a second daemon on the same pins would
+/// count the first one's bans as orphans and unpin its links.
+fn lock_pins(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DataplaneError> {
+    let file = std::fs::File::open(dir).map_err(|source| DataplaneError::Io {
+        what: format!("opening {}", dir.display()),
+        source,
+    })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| DataplaneError::Io {
+            what: format!(
+                "another aiguard daemon uses the pin directory {}; give this one its own --bpffs-dir",
+                dir.display()
+            ),
+            source: io::Error::from(errno),
+        },
+    )
 }
 
 /// The maps this build's program expects: (name, key size, value size, capacity if fixed by

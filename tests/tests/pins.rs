@@ -125,3 +125,56 @@ fn ban_table_follows_a_changed_capacity() {
         "max_bans changed: the ban table was recreated"
     );
 }
+
+#[test]
+fn second_daemon_on_the_same_pins_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let dir = PinDir(PathBuf::from("/sys/fs/bpf").join(unique_name("agp")));
+    let first = Dataplane::load(&dir.0, 1024).expect("first load");
+    let err = Dataplane::load(&dir.0, 1024)
+        .err()
+        .expect("the pin directory is taken");
+    assert!(
+        err.to_string()
+            .contains("another aiguard daemon uses the pin directory"),
+        "{err}"
+    );
+    drop(first);
+    drop(Dataplane::load(&dir.0, 1024).expect("free again once the first one is gone"));
+}
+
+#[test]
+fn restore_with_a_smaller_ban_table_says_so() {
+    use aiguard_daemon::{
+        bans::{BanError, BanList, BanSpec, Origin},
+        store::Store,
+    };
+    if !privileged() {
+        return;
+    }
+    let dir = PinDir(PathBuf::from("/sys/fs/bpf").join(unique_name("agp")));
+    let state = tempfile::tempdir().expect("a state directory");
+    {
+        let mut dp = Dataplane::load(&dir.0, 1024).expect("load");
+        let store = Store::open(state.path()).expect("store");
+        let (mut bans, _) = BanList::restore(store, &mut dp, 1024).expect("restore");
+        let spec = BanSpec {
+            ttl: None,
+            reason: None,
+            shadow: false,
+            force: false,
+            origin: Origin::Cli,
+        };
+        let ranges: Vec<String> = (1..=3).map(|i| format!("198.51.100.{i}")).collect();
+        bans.ban(&mut dp, &ranges, &spec).expect("three bans");
+    }
+    let mut dp = Dataplane::load(&dir.0, 2).expect("load with room for two");
+    let store = Store::open(state.path()).expect("store");
+    match BanList::restore(store, &mut dp, 2) {
+        Err(BanError::Full { family, max }) => assert_eq!((family, max), ("IPv4", 2)),
+        Err(e) => panic!("expected a full table, got {e}"),
+        Ok(_) => panic!("three bans do not fit in two"),
+    }
+}

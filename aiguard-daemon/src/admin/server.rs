@@ -33,6 +33,9 @@ pub enum BindError {
         "another aiguard daemon is already listening on {0}; stop it, or give this one its own --socket"
     )]
     InUse(String),
+    /// Something other than a socket is at the path.
+    #[error("{0} exists and is not a socket; remove it or choose another --socket")]
+    NotASocket(String),
     /// Filesystem or socket error.
     #[error("cannot create the admin socket {path}: {source}")]
     Io {
@@ -53,13 +56,22 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            // A mistyped --socket must not delete somebody's file.
+            return Err(BindError::NotASocket(path.display().to_string()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(BindError::InUse(path.display().to_string()));
         }
         std::fs::remove_file(path).map_err(io)?;
     }
-    let listener = UnixListener::bind(path).map_err(io)?;
+    // Created 0600 from the start: no window in which another user could connect.
+    let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old_mask);
+    let listener = bound.map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(listener)
 }
@@ -88,10 +100,30 @@ pub async fn serve(
 }
 
 async fn connection(stream: UnixStream, node: Arc<Mutex<Node>>) {
+    // The socket's mode already keeps others out; the peer's credentials say so for certain.
+    let peer_uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
+    if peer_uid != Some(0) {
+        warn!(
+            ?peer_uid,
+            "refused an admin connection from a non-root peer"
+        );
+        let _ = send(
+            &mut write,
+            &error(
+                ErrorKind::InvalidRequest,
+                "the admin API accepts root only".into(),
+                None,
+            ),
+        )
+        .await;
+        return;
+    }
     // The cap bounds what one client can make the daemon buffer.
     let mut lines = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     loop {
+        // The cap is per request, not per connection.
+        lines.get_mut().set_limit(MAX_REQUEST_BYTES as u64 + 1);
         let mut line = String::new();
         match lines.read_line(&mut line).await {
             Ok(0) => return,
@@ -285,5 +317,37 @@ pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
                 state_dir: config.daemon.state_dir.display().to_string(),
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_file_at_the_socket_path_is_left_alone() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "keep me").expect("writing a file");
+        let err = bind(&path).err().expect("not a socket");
+        assert!(matches!(err, BindError::NotASocket(_)), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("still there"),
+            "keep me"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_private_and_a_live_one_is_not_replaced() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("admin.sock");
+        let _live = bind(&path).expect("binding");
+        let mode = std::fs::metadata(&path)
+            .expect("the socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(bind(&path), Err(BindError::InUse(_))));
     }
 }
