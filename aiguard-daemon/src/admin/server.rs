@@ -329,7 +329,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("notes.txt");
         std::fs::write(&path, "keep me").expect("writing a file");
-        let err = bind(&path).err().expect("not a socket");
+        let err = bind(&path).expect_err("not a socket");
         assert!(matches!(err, BindError::NotASocket(_)), "{err}");
         assert_eq!(
             std::fs::read_to_string(&path).expect("still there"),
