@@ -108,12 +108,11 @@ async fn serve(config: Config, listener: tokio::net::UnixListener) -> Result<(),
         sweep_every,
         shutdown_rx.clone(),
     ));
-    let admin = tokio::spawn(admin::server::serve(listener, node.clone(), {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    }));
+    let admin = tokio::spawn(admin::server::serve(
+        listener,
+        node.clone(),
+        shutdown_rx.clone(),
+    ));
     info!(socket = %node.lock().unwrap_or_else(|p| p.into_inner()).config.daemon.admin_socket.display(), "aiguard ready");
 
     tokio::select! {

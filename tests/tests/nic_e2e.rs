@@ -692,6 +692,39 @@ fn restart_without_an_interface_detaches_it() {
 }
 
 #[test]
+fn shutdown_is_not_held_up_by_idle_admin_connections() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::os::unix::net::UnixStream;
+    if !aiguard_tests::privileged() {
+        return;
+    }
+    let mut tb = Testbed::new(None, &[]);
+    // Idle admin clients must not hold the daemon up.
+    let idle = UnixStream::connect(tb.daemon.socket()).expect("an idle admin connection");
+    let mut asking = UnixStream::connect(tb.daemon.socket()).expect("an admin connection");
+    let started = Instant::now();
+    let status = tb.daemon.stop();
+    assert!(status.success(), "SIGTERM should exit cleanly: {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "an idle admin connection held the shutdown up for {:?}",
+        started.elapsed()
+    );
+    // The daemon closed them: a request sent now gets EOF, not a hang.
+    asking
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let _ = asking.write_all(b"{\"op\":\"status\"}\n");
+    let mut reply = String::new();
+    let read = BufReader::new(&asking).read_line(&mut reply);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "after shutdown the socket is closed: {read:?} {reply}"
+    );
+    drop(idle);
+}
+
+#[test]
 fn detach_on_exit_unprotects_the_interface_on_a_clean_stop() {
     if !aiguard_tests::privileged() {
         return;

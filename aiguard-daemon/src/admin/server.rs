@@ -2,7 +2,6 @@
 //! node, answer.
 use std::{
     collections::BTreeMap,
-    future::Future,
     os::unix::fs::PermissionsExt as _,
     path::Path,
     sync::{Arc, Mutex},
@@ -13,6 +12,8 @@ use aiguard_common::stat;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
+    sync::watch,
+    task::JoinSet,
 };
 use tracing::{debug, warn};
 
@@ -76,30 +77,52 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Accepts connections until `shutdown` resolves.
+/// Accepts connections until `shutdown` turns true, then drains: a request already being
+/// applied is answered, idle connections are closed (waiting at most [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: UnixListener,
     node: Arc<Mutex<Node>>,
-    shutdown: impl Future<Output = ()>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
-    tokio::pin!(shutdown);
+    let mut connections = JoinSet::new();
+    // Each connection watches its own copy of the shutdown signal.
+    let for_connections = shutdown.clone();
     loop {
         tokio::select! {
-            _ = &mut shutdown => return,
+            // The wait's guard is dropped inside: it must not live across the awaits below.
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(connection(stream, node.clone()));
+                    connections.spawn(connection(stream, node.clone(), for_connections.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "admin socket accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
+            // Reap finished connections so the set does not grow with every client.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("admin requests still running at shutdown were abandoned");
+        connections.abort_all();
     }
 }
 
-async fn connection(stream: UnixStream, node: Arc<Mutex<Node>>) {
+/// How long shutdown waits for admin requests in flight (a large ban file takes seconds).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn connection(
+    stream: UnixStream,
+    node: Arc<Mutex<Node>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     // The socket's mode already keeps others out; the peer's credentials say so for certain.
     let peer_uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
@@ -125,7 +148,13 @@ async fn connection(stream: UnixStream, node: Arc<Mutex<Node>>) {
         // The cap is per request, not per connection.
         lines.get_mut().set_limit(MAX_REQUEST_BYTES as u64 + 1);
         let mut line = String::new();
-        match lines.read_line(&mut line).await {
+        // Between requests a connection ends with the daemon; a request being applied (below,
+        // outside this select) is finished and answered first.
+        let read = tokio::select! {
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+            read = lines.read_line(&mut line) => read,
+        };
+        match read {
             Ok(0) => return,
             Ok(n) if n > MAX_REQUEST_BYTES => {
                 let _ = send(
