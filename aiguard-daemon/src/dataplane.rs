@@ -26,7 +26,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use ipnetwork::IpNetwork;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use tracing::{info, warn};
 
 use crate::{config::AttachMode, range};
@@ -519,14 +519,21 @@ impl Dataplane {
     fn write_config(&mut self) -> Result<(), DataplaneError> {
         // Only as many entries as fit inline (plus one, to know when they do not): a single
         // allowlist change costs a handful of syscalls, whatever the allowlist's size.
-        let mut allow = Vec::new();
+        let mut v4 = Vec::new();
         for k in self.allow_v4.keys().take(INLINE_ALLOW_V4 + 1) {
             let k = k.map_err(map_err("listing ALLOW_V4"))?;
-            allow.push(range::from_v4_key(k.prefix_len(), k.data()));
+            v4.push(
+                Ipv4Network::new(k.data().into(), k.prefix_len() as u8)
+                    .expect("trie keys are valid prefixes"),
+            );
         }
+        let mut v6 = Vec::new();
         for k in self.allow_v6.keys().take(INLINE_ALLOW_V6 + 1) {
             let k = k.map_err(map_err("listing ALLOW_V6"))?;
-            allow.push(range::from_v6_key(k.prefix_len(), k.data()));
+            v6.push(
+                Ipv6Network::new(k.data().into(), k.prefix_len() as u8)
+                    .expect("trie keys are valid prefixes"),
+            );
         }
         let mut cfg = self.bucket;
         cfg.flags &= !(CFG_HAS_ALLOWLIST | CFG_ALLOWLIST_INLINE);
@@ -534,22 +541,8 @@ impl Dataplane {
         cfg.allow_v6 = Default::default();
         cfg.allow_v4_len = 0;
         cfg.allow_v6_len = 0;
-        if !allow.is_empty() {
+        if !v4.is_empty() || !v6.is_empty() {
             cfg.flags |= CFG_HAS_ALLOWLIST;
-            let v4: Vec<_> = allow
-                .iter()
-                .filter_map(|n| match n {
-                    IpNetwork::V4(n) => Some(*n),
-                    IpNetwork::V6(_) => None,
-                })
-                .collect();
-            let v6: Vec<_> = allow
-                .iter()
-                .filter_map(|n| match n {
-                    IpNetwork::V6(n) => Some(*n),
-                    IpNetwork::V4(_) => None,
-                })
-                .collect();
             if v4.len() <= INLINE_ALLOW_V4 && v6.len() <= INLINE_ALLOW_V6 {
                 cfg.flags |= CFG_ALLOWLIST_INLINE;
                 for (slot, n) in cfg.allow_v4.iter_mut().zip(&v4) {
