@@ -5,7 +5,7 @@
 
 use std::{
     env, fs,
-    os::unix::fs::symlink,
+    os::unix::fs::{PermissionsExt as _, symlink},
     path::{Path, PathBuf},
     process::Command,
     time::Instant,
@@ -39,7 +39,16 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("netsniff-ng", "trafgen: packet floods for the benchmarks"),
     ("ethtool", "ethtool: NIC and veth settings"),
     ("util-linux", "nsenter: commands inside a test namespace"),
+    (
+        "nginx",
+        "nginx: the reverse proxy the gateway benchmark compares against",
+    ),
+    ("wrk", "wrk: HTTP load for the gateway benchmark"),
 ];
+
+/// Debian's policy hook: while it exits 101, package scripts start no services (nginx's would
+/// otherwise take port 80 on the build machine).
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -244,13 +253,24 @@ fn ensure_debian_packages() -> Result<()> {
             .arg("update"),
     )
     .context("updating the Debian package lists")?;
-    run_checked(
+    let had_policy = Path::new(POLICY_RC_D).exists();
+    if !had_policy {
+        fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n")
+            .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+    }
+    let installed = run_checked(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
     )
-    .context("installing Debian packages")
+    .context("installing Debian packages");
+    if !had_policy {
+        let _ = fs::remove_file(POLICY_RC_D);
+    }
+    installed
 }
 
 /// `dpkg -s` also succeeds for removed packages whose config files remain, so read the status.
