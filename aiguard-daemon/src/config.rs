@@ -24,12 +24,18 @@
 //! ipv4_prefix = 32
 //! ipv6_prefix = 64
 //! ```
+//!
+//! The gateway's sections (`[gateway]`, `[tiers.*]`, `[tenants.*]`, `[prices.*]`) are
+//! described in [`crate::tiers`].
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::Deserialize;
+
+use crate::tiers::{BUILTIN_TIER, GatewaySettings, Price, TenantSettings, TierSettings, TierTable};
 
 /// Why a configuration could not be used. The daemon refuses to start (or keeps its old
 /// configuration) rather than run with a half-understood one.
@@ -48,7 +54,7 @@ pub enum ConfigError {
     /// A value parsed but is out of range or inconsistent.
     #[error("config field `{field}` = {value} is invalid: expected {expected}")]
     Invalid {
-        field: &'static str,
+        field: String,
         value: String,
         expected: String,
     },
@@ -60,6 +66,10 @@ pub enum ConfigError {
 pub struct Config {
     pub daemon: DaemonSettings,
     pub xdp: XdpSettings,
+    pub gateway: GatewaySettings,
+    pub tiers: BTreeMap<String, TierSettings>,
+    pub tenants: BTreeMap<String, TenantSettings>,
+    pub prices: BTreeMap<String, Price>,
 }
 
 /// Where the daemon keeps its socket, state and pins.
@@ -323,13 +333,36 @@ impl Config {
         if self.daemon.admin_socket.as_os_str().is_empty() {
             return Err(invalid("daemon.admin_socket", "\"\"", "a path"));
         }
+        self.gateway.validate()?;
+        self.tier_table().validate()?;
         Ok(())
+    }
+
+    /// Tiers, tenants and prices as the gateway uses them: with the built-in tier when the
+    /// default tier is the built-in one and the file does not define it.
+    pub fn tier_table(&self) -> TierTable {
+        let mut tiers = self.tiers.clone();
+        if self.gateway.default_tier == BUILTIN_TIER {
+            tiers
+                .entry(BUILTIN_TIER.to_owned())
+                .or_insert_with(TierSettings::builtin);
+        }
+        TierTable {
+            tiers,
+            tenants: self.tenants.clone(),
+            prices: self.prices.clone(),
+            default_tier: self.gateway.default_tier.clone(),
+        }
     }
 }
 
-fn invalid(field: &'static str, value: impl ToString, expected: &str) -> ConfigError {
+pub(crate) fn invalid(
+    field: impl Into<String>,
+    value: impl ToString,
+    expected: &str,
+) -> ConfigError {
     ConfigError::Invalid {
-        field,
+        field: field.into(),
         value: value.to_string(),
         expected: expected.to_owned(),
     }

@@ -5,6 +5,7 @@
 //! one state directory), then the program is loaded and attached, then the maps are reconciled
 //! with the store.
 use std::{
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -21,8 +22,15 @@ use crate::{
     bans::{BanError, BanList, now_ms},
     config::Config,
     dataplane::{Dataplane, DataplaneError},
+    gateway::{self, Gateway, Listeners},
+    keys::KeyRing,
     store::{Store, StoreError},
+    tokens::Tokenizer,
+    usage::{Ledger, LedgerError},
 };
+
+/// Produces the configuration again (file, environment and flags), for reloads.
+pub type ConfigSource = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 
 /// Everything the daemon manages on this node. Handlers lock it for synchronous work only.
 pub struct Node {
@@ -30,6 +38,44 @@ pub struct Node {
     pub bans: BanList,
     pub config: Config,
     pub started: Instant,
+    pub keys: Arc<KeyRing>,
+    pub ledger: Arc<Ledger>,
+    pub gateway: Option<Arc<Gateway>>,
+    /// The gateway's bound addresses.
+    pub gateway_listen: Vec<SocketAddr>,
+    pub reload: Option<ConfigSource>,
+}
+
+/// Re-reads the configuration and applies what can change while running: tiers, tenants,
+/// prices and the gateway's settings. In-flight requests finish under the limits they were
+/// admitted with. An invalid configuration changes nothing. Returns the changed settings that
+/// need a restart.
+pub fn reload(node: &mut Node) -> Result<Vec<String>, String> {
+    let Some(source) = &node.reload else {
+        return Err("this daemon was started without a reloadable configuration".into());
+    };
+    let new = source()
+        .map_err(|e| format!("the new configuration is refused, the old one stays: {e:#}"))?;
+    let mut needs_restart = Vec::new();
+    if new.xdp != node.config.xdp {
+        needs_restart.push("xdp".to_owned());
+    }
+    if new.daemon != node.config.daemon {
+        needs_restart.push("daemon".to_owned());
+    }
+    if new.gateway.is_enabled() != node.config.gateway.is_enabled() {
+        needs_restart.push("gateway (enabling or disabling it)".to_owned());
+    }
+    if let Some(gw) = &node.gateway {
+        needs_restart.extend(gw.reload(&new));
+    }
+    // Keep what was not applied, so that a later reload compares against what runs.
+    let mut applied = new;
+    applied.xdp = node.config.xdp.clone();
+    applied.daemon = node.config.daemon.clone();
+    node.config = applied;
+    info!(?needs_restart, "configuration reloaded");
+    Ok(needs_restart)
 }
 
 /// Why the daemon could not start.
@@ -37,7 +83,7 @@ pub struct Node {
 pub enum StartError {
     /// Nothing to protect.
     #[error(
-        "no interface to protect: pass --interface IF (repeatable) or set xdp.interfaces in the config"
+        "nothing to protect: pass --interface IF (repeatable) or set xdp.interfaces, and/or run the gateway with --listen ADDR --upstream URL (or [gateway] in the config)"
     )]
     NoInterface,
     #[error(transparent)]
@@ -50,26 +96,62 @@ pub enum StartError {
     Restore(#[from] BanError),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("{0}")]
+    Listen(#[source] std::io::Error),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    if config.xdp.interfaces.is_empty() {
+pub async fn run(config: Config, reload: Option<ConfigSource>) -> Result<(), StartError> {
+    if config.xdp.interfaces.is_empty() && !config.gateway.is_enabled() {
         return Err(StartError::NoInterface);
     }
     let socket_path = config.daemon.admin_socket.clone();
     let listener = admin::server::bind(&socket_path)?;
-    let result = serve(config, listener).await;
+    let result = serve(config, listener, reload).await;
     let _ = std::fs::remove_file(&socket_path);
     result
 }
 
-async fn serve(config: Config, listener: tokio::net::UnixListener) -> Result<(), StartError> {
+async fn serve(
+    config: Config,
+    listener: tokio::net::UnixListener,
+    reload_source: Option<ConfigSource>,
+) -> Result<(), StartError> {
     // First, so that a SIGTERM during a long start-up still takes the clean way out.
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
 
     let store = Store::open(&config.daemon.state_dir)?;
+    let keys = Arc::new(KeyRing::open(store.clone())?);
+    let (ledger, replay) = Ledger::open(
+        store.clone(),
+        &config.daemon.state_dir.join("usage-journal"),
+    )?;
+    if replay.records > 0 || replay.torn_lines > 0 {
+        info!(
+            records = replay.records,
+            torn_lines = replay.torn_lines,
+            "usage journal replayed into the store"
+        );
+    }
+    let ledger = Arc::new(ledger);
+    let gateway = if config.gateway.is_enabled() {
+        let name = config.gateway.tokenizer;
+        // Loading the BPE tables takes about half a second: not on the first request.
+        let tokenizer = tokio::task::spawn_blocking(move || Tokenizer::load(name))
+            .await
+            .expect("loading the tokenizer does not panic");
+        let gw = Gateway::new(&config, keys.clone(), ledger.clone(), tokenizer)?;
+        let listeners = Listeners::bind(&config.gateway.listen)
+            .await
+            .map_err(StartError::Listen)?;
+        Some((Arc::new(gw), listeners))
+    } else {
+        None
+    };
     let mut dataplane = Dataplane::load(&config.daemon.bpffs_dir, config.xdp.max_bans)?;
     // Fill the maps before the program goes onto the interfaces: a freshly loaded program is
     // swapped into a pinned link at once, and it must not run against empty tables meanwhile.
@@ -96,11 +178,31 @@ async fn serve(config: Config, listener: tokio::net::UnixListener) -> Result<(),
 
     let detach_on_exit = config.xdp.detach_on_exit;
     let sweep_every = config.xdp.sweep_interval;
+    let usage_every = config.gateway.usage_flush_interval;
+    let (gateway, gateway_listen, gateway_task) = match gateway {
+        Some((gw, listeners)) => {
+            let addrs = listeners.local_addrs();
+            gateway::log_ready(&addrs, &gw.policy());
+            let task = tokio::spawn(gateway::serve(gw.clone(), listeners, shutdown_rx.clone()));
+            (Some(gw), addrs, Some(task))
+        }
+        None => (None, Vec::new(), None),
+    };
+    let flusher = tokio::spawn(gateway::flush_usage(
+        ledger.clone(),
+        usage_every,
+        shutdown_rx.clone(),
+    ));
     let node = Arc::new(Mutex::new(Node {
         dataplane,
         bans,
         config,
         started: Instant::now(),
+        keys,
+        ledger,
+        gateway,
+        gateway_listen,
+        reload: reload_source,
     }));
 
     let sweeper = tokio::spawn(sweep_expired(
@@ -115,13 +217,45 @@ async fn serve(config: Config, listener: tokio::net::UnixListener) -> Result<(),
     ));
     info!(socket = %node.lock().unwrap_or_else(|p| p.into_inner()).config.daemon.admin_socket.display(), "aiguard ready");
 
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                info!("SIGINT: shutting down");
+                break;
+            }
+            _ = hup.recv() => {
+                let node = node.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    reload(&mut node.lock().unwrap_or_else(|p| p.into_inner()))
+                })
+                .await;
+                match result {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(message)) => warn!("SIGHUP: {message}"),
+                    Err(e) => error!(error = %e, "reload task failed"),
+                }
+            }
+        }
     }
     let _ = shutdown_tx.send(true);
     let _ = admin.await;
     let _ = sweeper.await;
+    if let Some(t) = gateway_task {
+        let _ = t.await;
+    }
+    let _ = flusher.await;
+    let ledger = node
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .ledger
+        .clone();
+    if let Err(e) = ledger.flush() {
+        warn!(error = %e, "flushing usage at shutdown failed; the journal keeps it for the next start");
+    }
     if let Some(t) = log_task {
         let _ = t.await;
     }

@@ -1,5 +1,5 @@
-//! aiguard: protects an AI inference node at the NIC (XDP) and, in later layers, in the
-//! request path.
+//! aiguard: protects an AI inference node at the NIC (XDP) and, in the request path
+//! (a gateway that enforces per-key limits and quotas).
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration, its defaults and validation.
@@ -11,6 +11,12 @@
 //!   keeping store and maps in step.
 //! - [`admin`]: the root-only unix-socket API and its client.
 //! - [`daemon`]: `aiguard run`, start-up order, signals, background tasks.
+//! - [`tiers`]: the gateway's configuration: listeners, upstreams, tiers, tenants, prices.
+//! - [`keys`]: API keys, stored as hashes, checked in constant time.
+//! - [`limits`]: in-memory limits (GCRA rates, concurrency, monthly quota) per tenant, key, model.
+//! - [`tokens`]: token estimates with a real tokenizer.
+//! - [`usage`]: the usage ledger (journal + store), per day, tenant, key and model.
+//! - [`gateway`]: the reverse proxy in front of the inference server.
 //! - [`cli`]: the `aiguard` command line.
 pub mod admin;
 pub mod bans;
@@ -18,5 +24,11 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod gateway;
+pub mod keys;
+pub mod limits;
 pub mod range;
 pub mod store;
+pub mod tiers;
+pub mod tokens;
+pub mod usage;

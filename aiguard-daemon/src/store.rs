@@ -50,9 +50,11 @@ pub enum StoreError {
     },
 }
 
-/// Bans and allowlist entries on disk.
+/// Bans and allowlist entries on disk; the gateway's keys and usage live in the same file
+/// (see [`crate::keys`] and [`crate::usage`]). Clones share the one open database.
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
@@ -65,7 +67,10 @@ impl Store {
         })?;
         let path = state_dir.join(DB_FILE);
         let db = Database::create(&path).map_err(|e| db_err(&path, e))?;
-        let store = Self { db, path };
+        let store = Self {
+            db: Arc::new(db),
+            path,
+        };
         // Create the tables up front so readers never see "table does not exist".
         store.write(|txn| {
             txn.open_table(BANS)?;
@@ -135,7 +140,7 @@ impl Store {
         })
     }
 
-    fn write(
+    pub(crate) fn write(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
@@ -148,7 +153,24 @@ impl Store {
         run().map_err(|e| db_err(&self.path, e))
     }
 
-    fn read_all<T>(
+    /// Runs `f` in a read transaction.
+    pub(crate) fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
+        f(&txn).map_err(|e| db_err(&self.path, e))
+    }
+
+    pub(crate) fn decode_error(&self, table: &'static str, reason: String) -> StoreError {
+        StoreError::Decode {
+            path: self.path.clone(),
+            table,
+            reason,
+        }
+    }
+
+    pub(crate) fn read_all<T>(
         &self,
         table: TableDefinition<&[u8], &[u8]>,
         what: &'static str,

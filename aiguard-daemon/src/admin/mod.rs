@@ -5,6 +5,7 @@
 //! `{"op":"ban","ranges":["203.0.113.0/24"],"ttl_ms":3600000,"reason":"stuffing"}`
 //! -> `{"reply":"banned","bans":[...]}` or `{"reply":"error","kind":"...","message":"..."}`.
 pub mod client;
+mod gateway_ops;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -12,7 +13,11 @@ use std::collections::BTreeMap;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-use crate::bans::{AllowRecord, BanRecord, BanView};
+use crate::{
+    bans::{AllowRecord, BanRecord, BanView},
+    keys::KeyRecord,
+    usage::UsageRow,
+};
 
 /// Largest request line accepted (a ban file of a few million ranges fits).
 pub const MAX_REQUEST_BYTES: usize = 256 << 20;
@@ -50,6 +55,33 @@ pub enum Request {
     },
     Allowlist,
     Status,
+    /// Create an API key for a tenant (the secret is in the reply, and nowhere else, ever).
+    KeysAdd {
+        tenant: String,
+        #[serde(default)]
+        tier: Option<String>,
+    },
+    KeysList {
+        #[serde(default)]
+        tenant: Option<String>,
+    },
+    KeysRevoke {
+        id: String,
+    },
+    /// A tenant's monthly token quota: used, reserved, remaining.
+    Quota {
+        tenant: String,
+    },
+    /// Usage per day, tenant, key and model, with cost.
+    Usage {
+        /// `YYYY-MM`; this month by default.
+        #[serde(default)]
+        month: Option<String>,
+        #[serde(default)]
+        tenant: Option<String>,
+    },
+    /// Re-read the configuration (as SIGHUP does).
+    Reload,
 }
 
 /// What the daemon answers.
@@ -80,6 +112,26 @@ pub enum Reply {
         entries: Vec<AllowRecord>,
     },
     Status(Box<StatusReport>),
+    KeyCreated {
+        key: KeyRecord,
+        /// The API key itself: shown once.
+        secret: String,
+    },
+    Keys {
+        keys: Vec<KeyRecord>,
+    },
+    KeyRevoked {
+        key: KeyRecord,
+    },
+    Quota(QuotaReport),
+    Usage {
+        month: String,
+        rows: Vec<UsageRow>,
+    },
+    Reloaded {
+        /// Changed settings that only take effect after a restart.
+        needs_restart: Vec<String>,
+    },
     /// The request was refused or failed; nothing was changed.
     Error {
         kind: ErrorKind,
@@ -116,6 +168,46 @@ pub struct StatusReport {
     pub bucket: BucketStatus,
     pub bpffs_dir: String,
     pub state_dir: String,
+    /// The request-path gateway, when it runs.
+    #[serde(default)]
+    pub gateway: Option<GatewayStatus>,
+}
+
+/// The gateway's addresses and counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    /// Bound addresses (with the real port when configured as 0).
+    pub listen: Vec<std::net::SocketAddr>,
+    pub upstreams: Vec<String>,
+    pub keys: usize,
+    pub requests: u64,
+    pub allowed: u64,
+    pub rate_limited: u64,
+    pub quota_exceeded: u64,
+    pub unauthorized: u64,
+    pub bad_requests: u64,
+    pub upstream_errors: u64,
+}
+
+/// `aiguard quota TENANT`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaReport {
+    pub tenant: String,
+    /// `YYYY-MM` (UTC).
+    pub month: String,
+    /// Tokens settled this month.
+    pub used: u64,
+    /// Tokens reserved by requests in flight.
+    pub reserved: u64,
+    /// The monthly quota; none means unlimited.
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    /// Seconds until the quota resets (start of next month, UTC).
+    pub resets_in_secs: u64,
+    /// `hard` or `soft`.
+    pub enforcement: crate::tiers::QuotaEnforcement,
+    /// Tiers of the tenant's live keys.
+    pub tiers: Vec<String>,
 }
 
 /// One protected interface.

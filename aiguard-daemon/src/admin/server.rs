@@ -205,7 +205,7 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> st
     write.write_all(&bytes).await
 }
 
-fn error(kind: ErrorKind, message: String, index: Option<usize>) -> Reply {
+pub(super) fn error(kind: ErrorKind, message: String, index: Option<usize>) -> Reply {
     Reply::Error {
         kind,
         message,
@@ -240,11 +240,16 @@ fn ban_error(e: BanError) -> Reply {
 pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
     // std Mutex: held only for synchronous map and store work, never across an await.
     let mut guard = node.lock().unwrap_or_else(|p| p.into_inner());
+    if super::gateway_ops::is_gateway_request(&request) {
+        return super::gateway_ops::handle(&mut guard, request);
+    }
+    let gateway = super::gateway_ops::status(&guard);
     let Node {
         dataplane,
         bans,
         config,
         started,
+        ..
     } = &mut *guard;
     match request {
         Request::Ban {
@@ -344,8 +349,14 @@ pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
                 },
                 bpffs_dir: config.daemon.bpffs_dir.display().to_string(),
                 state_dir: config.daemon.state_dir.display().to_string(),
+                gateway,
             }))
         }
+        _ => error(
+            ErrorKind::Internal,
+            "request not routed (a daemon bug)".into(),
+            None,
+        ),
     }
 }
 

@@ -10,13 +10,16 @@ use std::{
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+mod gateway;
+
 use crate::{
     admin::{Reply, Request, StatusReport, client},
     bans::{BanView, now_ms},
     config::{AttachMode, Config, DEFAULT_ADMIN_SOCKET},
 };
 
-/// Protects an AI inference node: drops banned and flooding sources at the NIC (XDP).
+/// Protects an AI inference node: drops banned and flooding sources at the NIC (XDP) and
+/// enforces per-key limits and quotas in front of the inference server.
 #[derive(Debug, Parser)]
 #[command(name = "aiguard", version, propagate_version = true)]
 pub struct Cli {
@@ -59,15 +62,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Interfaces, attach mode, verdict counters, uptime.
+    /// Interfaces, attach mode, verdict counters, gateway, uptime.
     Status {
         #[arg(long)]
         json: bool,
     },
+    /// API keys: add (prints the key once), list, revoke.
+    #[command(subcommand)]
+    Keys(gateway::KeysCommand),
+    /// A tenant's monthly token quota: used, reserved, remaining.
+    Quota {
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Usage per day, tenant, key and model, with cost from the configured prices.
+    Usage(gateway::UsageArgs),
+    /// Re-read the configuration (tiers, tenants, prices, gateway settings), as SIGHUP does.
+    Reload,
 }
 
 /// `aiguard run`: flags override the config file, which overrides the defaults.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 pub struct RunArgs {
     /// TOML config file (see the README for every field).
     #[arg(long, short, value_name = "FILE")]
@@ -105,6 +121,12 @@ pub struct RunArgs {
     /// Log filter, e.g. info or aiguard=debug (RUST_LOG wins).
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    /// Gateway: address to accept clients on (repeatable); replaces gateway.listen.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// Gateway: inference server URL (repeatable, round robin); replaces gateway.upstreams.
+    #[arg(long = "upstream", value_name = "URL")]
+    pub upstreams: Vec<String>,
 }
 
 /// `aiguard ban`.
@@ -186,6 +208,12 @@ impl RunArgs {
         }
         if let Some(l) = &self.log {
             c.daemon.log = l.clone();
+        }
+        if !self.listen.is_empty() {
+            c.gateway.listen = self.listen.clone();
+        }
+        if !self.upstreams.is_empty() {
+            c.gateway.upstreams = self.upstreams.clone();
         }
         c.validate()?;
         Ok(c)
@@ -303,6 +331,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             other => unexpected(other),
         },
+        Command::Keys(cmd) => gateway::keys(&admin_socket(), cmd),
+        Command::Quota { tenant, json } => gateway::quota(&admin_socket(), tenant, json),
+        Command::Usage(args) => gateway::usage(&admin_socket(), args),
+        Command::Reload => gateway::reload(&admin_socket()),
     }
 }
 
@@ -318,7 +350,9 @@ fn run_daemon(args: &RunArgs, socket: Option<&Path>) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(crate::daemon::run(config))?;
+    let (args, socket) = (args.clone(), socket.map(Path::to_owned));
+    let reload: crate::daemon::ConfigSource = Box::new(move || args.resolve(socket.as_deref()));
+    runtime.block_on(crate::daemon::run(config, Some(reload)))?;
     Ok(())
 }
 
@@ -393,18 +427,18 @@ fn ban(socket: &Path, args: BanArgs) -> anyhow::Result<()> {
 }
 
 /// Sends a request; a refusal becomes an error with the daemon's message.
-fn ask(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+pub(crate) fn ask(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
     match client::call(socket, request)? {
         Reply::Error { message, .. } => anyhow::bail!("{message}"),
         reply => Ok(reply),
     }
 }
 
-fn unexpected(reply: Reply) -> anyhow::Result<()> {
+pub(crate) fn unexpected(reply: Reply) -> anyhow::Result<()> {
     anyhow::bail!("unexpected reply from the daemon: {reply:?}")
 }
 
-fn fmt_time(ms: u64) -> String {
+pub(crate) fn fmt_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -517,6 +551,24 @@ fn print_status(s: &StatusReport) {
             print!(" {:>14}", i.counters.get(name).copied().unwrap_or(0));
         }
         println!();
+    }
+    if let Some(g) = &s.gateway {
+        let listen: Vec<String> = g.listen.iter().map(ToString::to_string).collect();
+        println!(
+            "gateway: {} -> {}   keys: {}",
+            listen.join(", "),
+            g.upstreams.join(", "),
+            g.keys
+        );
+        println!(
+            "requests: {} allowed, {} rate-limited, {} over quota, {} unauthorized, {} bad, {} upstream errors",
+            g.allowed,
+            g.rate_limited,
+            g.quota_exceeded,
+            g.unauthorized,
+            g.bad_requests,
+            g.upstream_errors
+        );
     }
     println!("pins: {}   state: {}", s.bpffs_dir, s.state_dir);
 }

@@ -1,0 +1,278 @@
+//! What the gateway answers itself: OpenAI-style error bodies and the rate-limit headers
+//! OpenAI sends (`x-ratelimit-*`, `Retry-After`), so that OpenAI clients back off correctly.
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+
+use crate::limits::{Denial, RateHeaders, RateState};
+
+/// The body type of every response the gateway sends.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The `{"error": {...}}` body OpenAI's API answers errors with.
+pub fn error_body(message: &str, kind: &str, code: Option<&str>) -> Bytes {
+    serde_json::to_vec(&serde_json::json!({
+        "error": {"message": message, "type": kind, "param": null, "code": code}
+    }))
+    .expect("an error body serializes")
+    .into()
+}
+
+/// An error answer.
+pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response<Body> {
+    let mut r = Response::new(full(error_body(message, kind, code)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn unauthorized(message: &str) -> Response<Body> {
+    error(
+        StatusCode::UNAUTHORIZED,
+        message,
+        "invalid_request_error",
+        Some("invalid_api_key"),
+    )
+}
+
+pub fn bad_request(message: &str) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        message,
+        "invalid_request_error",
+        None,
+    )
+}
+
+/// A duration the way OpenAI writes resets: `20ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`.
+pub fn openai_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs();
+    if secs < 60 {
+        let tenths = (ms % 1000) / 100;
+        return if tenths == 0 {
+            format!("{secs}s")
+        } else {
+            format!("{secs}.{tenths}s")
+        };
+    }
+    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else {
+        format!("{m}m{s}s")
+    }
+}
+
+fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(name, v);
+    }
+}
+
+fn put_state(headers: &mut HeaderMap, what: &str, s: &RateState) {
+    let names: [&'static str; 3] = if what == "requests" {
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ]
+    } else {
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ]
+    };
+    put(headers, names[0], s.limit.to_string());
+    put(headers, names[1], s.remaining.to_string());
+    put(headers, names[2], openai_duration(s.reset));
+}
+
+/// Adds the `x-ratelimit-*` headers for whichever limits are set.
+pub fn rate_headers(headers: &mut HeaderMap, h: &RateHeaders) {
+    if let Some(s) = &h.requests {
+        put_state(headers, "requests", s);
+    }
+    if let Some(s) = &h.tokens {
+        put_state(headers, "tokens", s);
+    }
+}
+
+fn retry_after(headers: &mut HeaderMap, d: Duration) {
+    // Whole seconds, rounded up (the standard header), and OpenAI's exact milliseconds.
+    let secs = d.as_millis().div_ceil(1000).max(1);
+    put(headers, "retry-after", secs.to_string());
+    put(headers, "retry-after-ms", d.as_millis().max(1).to_string());
+}
+
+/// The 429 (or 400 for a request that can never fit) for a refused request.
+pub fn denied(d: &Denial, rate: &RateHeaders) -> Response<Body> {
+    let mut r = match d {
+        Denial::Requests {
+            level,
+            per,
+            limit,
+            retry_after: wait,
+        } => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "Rate limit reached for requests per {per} ({} limit): limit {limit}. Please try again in {}.",
+                    level.as_str(),
+                    openai_duration(*wait)
+                ),
+                "requests",
+                Some("rate_limit_exceeded"),
+            );
+            retry_after(r.headers_mut(), *wait);
+            r
+        }
+        Denial::Tokens {
+            level,
+            limit,
+            requested,
+            retry_after: wait,
+        } => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "Rate limit reached for tokens per minute ({} limit): limit {limit}, requested {requested}. Please try again in {}.",
+                    level.as_str(),
+                    openai_duration(*wait)
+                ),
+                "tokens",
+                Some("rate_limit_exceeded"),
+            );
+            retry_after(r.headers_mut(), *wait);
+            r
+        }
+        Denial::TooLarge {
+            level,
+            limit,
+            requested,
+        } => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "Request too large: it needs {requested} tokens (prompt plus max_tokens), more than the {} limit of {limit} tokens per minute. Lower max_tokens or shorten the prompt.",
+                    level.as_str()
+                ),
+                "tokens",
+                Some("rate_limit_exceeded"),
+            );
+            // Retrying cannot help.
+            r.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+            r
+        }
+        Denial::Concurrency { level, limit } => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "Too many concurrent requests ({} limit): limit {limit}. Please try again when one finishes.",
+                    level.as_str()
+                ),
+                "requests",
+                Some("rate_limit_exceeded"),
+            );
+            retry_after(r.headers_mut(), Duration::from_secs(1));
+            r
+        }
+        Denial::Quota {
+            limit,
+            used,
+            requested,
+            resets_in,
+        } => {
+            let mut r = quota_exceeded(*limit, *used, *requested);
+            retry_after(r.headers_mut(), *resets_in);
+            r
+        }
+    };
+    rate_headers(r.headers_mut(), rate);
+    r
+}
+
+pub fn quota_message(limit: u64, used: u64, requested: u64) -> String {
+    format!(
+        "You exceeded your current quota: {used} of {limit} tokens used this month, this request needs up to {requested}. The quota resets at the start of next month (UTC)."
+    )
+}
+
+fn quota_exceeded(limit: u64, used: u64, requested: u64) -> Response<Body> {
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        &quota_message(limit, used, requested),
+        "insufficient_quota",
+        Some("insufficient_quota"),
+    );
+    // OpenAI's clients would otherwise retry; waiting seconds does not bring quota back.
+    r.headers_mut()
+        .insert("x-should-retry", HeaderValue::from_static("false"));
+    r
+}
+
+/// The last event of a stream ended because the monthly quota ran out.
+pub fn quota_event(limit: u64) -> Bytes {
+    let body = error_body(
+        &format!(
+            "You exceeded your current quota of {limit} tokens this month; the response was ended. The quota resets at the start of next month (UTC)."
+        ),
+        "insufficient_quota",
+        Some("insufficient_quota"),
+    );
+    let mut event = Vec::with_capacity(body.len() + 10);
+    event.extend_from_slice(b"data: ");
+    event.extend_from_slice(&body);
+    event.extend_from_slice(b"\n\n");
+    event.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_openai() {
+        for (ms, s) in [
+            (20, "20ms"),
+            (1000, "1s"),
+            (1500, "1.5s"),
+            (360_000, "6m0s"),
+            (3_723_000, "1h2m3s"),
+        ] {
+            assert_eq!(openai_duration(Duration::from_millis(ms)), s);
+        }
+    }
+
+    #[test]
+    fn a_refusal_carries_retry_after_and_an_openai_error() {
+        let r = denied(
+            &Denial::Requests {
+                level: crate::limits::Level::Key,
+                per: "minute",
+                limit: 10,
+                retry_after: Duration::from_millis(5400),
+            },
+            &RateHeaders::default(),
+        );
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "6");
+        assert_eq!(r.headers()["retry-after-ms"], "5400");
+    }
+}

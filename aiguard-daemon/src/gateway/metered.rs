@@ -1,0 +1,408 @@
+//! The response on its way to the client: passed through frame by frame as it arrives (SSE
+//! events are flushed one by one), while the gateway learns what the request really used:
+//! `usage` from a JSON body or from a stream's final chunk, else the output counted with the
+//! tokenizer. When the body ends (or the client goes away) the request is settled: the
+//! limiter gets back what was reserved and not used, and the ledger records the usage.
+//!
+//! A stream that would pass a hard monthly quota is ended with a final SSE error event.
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use serde_json::Value;
+use tracing::error;
+
+use super::{answers, idle::ActiveGuard};
+use crate::{
+    limits::{Admission, Progress},
+    tokens::Tokenizer,
+    usage::{Counts, Ledger, Today, UsageRecord},
+};
+
+/// JSON bodies larger than this are passed through but not parsed for usage (the estimate
+/// stands).
+const MAX_JSON_PARSE: usize = 8 << 20;
+/// An SSE event larger than this is passed through unparsed.
+const MAX_EVENT: usize = 1 << 20;
+
+/// What kind of response is being metered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseKind {
+    /// `application/json`: usage is in the body.
+    Json,
+    /// `text/event-stream`: usage is in the last chunk (asked for by the gateway when the client
+    /// did not, in which case that chunk is hidden from the client).
+    EventStream { hide_usage_chunk: bool },
+    /// Anything else: the prompt estimate is charged.
+    Other,
+    /// The upstream refused or failed: nothing was generated.
+    Failed,
+}
+
+/// Who to charge, and how to count when the upstream does not say.
+pub struct Settlement {
+    pub ledger: Arc<Ledger>,
+    pub tokenizer: Tokenizer,
+    pub tenant: Arc<str>,
+    pub key_id: Arc<str>,
+    pub model: String,
+    pub prompt_estimate: u64,
+}
+
+impl Settlement {
+    /// Settles and records a request; `prompt` and `completion` are what it used.
+    fn settle(&self, admission: Admission, prompt: u64, completion: u64) {
+        admission.settle(prompt + completion);
+        let record = UsageRecord {
+            day: Today::now().day(),
+            tenant: self.tenant.to_string(),
+            key: self.key_id.to_string(),
+            model: self.model.clone(),
+            counts: Counts {
+                requests: 1,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+            },
+        };
+        if let Err(e) = self.ledger.record(record) {
+            error!(error = %e, tenant = %self.tenant, "recording usage failed: this request's tokens are counted in memory only");
+        }
+    }
+
+    /// The upstream could not be reached: the request counts, its tokens do not.
+    pub fn settle_without_response(&self, admission: Admission) {
+        self.settle(admission, 0, 0);
+    }
+}
+
+/// Usage as an OpenAI response reports it.
+fn usage_of(v: &Value) -> Option<(u64, u64)> {
+    let u = v.get("usage")?;
+    let prompt = u
+        .get("prompt_tokens")
+        .or_else(|| u.get("input_tokens"))
+        .and_then(Value::as_u64)?;
+    let completion = u
+        .get("completion_tokens")
+        .or_else(|| u.get("output_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Some((prompt, completion))
+}
+
+/// Text generated in a response or chunk: `choices[].message.content`, `choices[].delta.content`
+/// or `choices[].text`.
+fn generated_text(v: &Value, out: &mut String) {
+    let Some(Value::Array(choices)) = v.get("choices") else {
+        return;
+    };
+    for c in choices {
+        for path in [
+            "/message/content",
+            "/delta/content",
+            "/text",
+            "/delta/reasoning_content",
+        ] {
+            if let Some(t) = c.pointer(path).and_then(Value::as_str) {
+                out.push_str(t);
+            }
+        }
+    }
+}
+
+pub struct Metered {
+    inner: Incoming,
+    kind: ResponseKind,
+    admission: Option<Admission>,
+    settlement: Settlement,
+    _active: ActiveGuard,
+    /// JSON: the body so far (up to [`MAX_JSON_PARSE`]).
+    json: Vec<u8>,
+    json_overflow: bool,
+    /// SSE: bytes of an event not yet complete.
+    pending: BytesMut,
+    out: VecDeque<Bytes>,
+    usage: Option<(u64, u64)>,
+    /// Tokens of the text streamed so far (for streams without usage and for the quota).
+    streamed_tokens: u64,
+    streamed_text: String,
+    ended: bool,
+}
+
+pub fn boxed(m: Metered) -> answers::Body {
+    m.boxed()
+}
+
+impl Metered {
+    pub fn new(
+        inner: Incoming,
+        kind: ResponseKind,
+        admission: Admission,
+        settlement: Settlement,
+        active: ActiveGuard,
+    ) -> Self {
+        Self {
+            inner,
+            kind,
+            admission: Some(admission),
+            settlement,
+            _active: active,
+            json: Vec::new(),
+            json_overflow: false,
+            pending: BytesMut::new(),
+            out: VecDeque::new(),
+            usage: None,
+            streamed_tokens: 0,
+            streamed_text: String::new(),
+            ended: false,
+        }
+    }
+
+    /// Splits complete SSE events off `pending`, queueing what the client gets. Returns false
+    /// when the stream must end (quota).
+    fn take_events(&mut self) -> bool {
+        let hide_usage = matches!(
+            self.kind,
+            ResponseKind::EventStream {
+                hide_usage_chunk: true
+            }
+        );
+        let mut passed = BytesMut::new();
+        let mut go_on = true;
+        while let Some(end) = event_end(&self.pending) {
+            let event = self.pending.split_to(end).freeze();
+            let mut hide = false;
+            if let Some(data) = event_data(&event)
+                && data != "[DONE]"
+                && let Ok(v) = serde_json::from_str::<Value>(&data)
+            {
+                if let Some(u) = usage_of(&v) {
+                    self.usage = Some(u);
+                    let no_choices = v
+                        .get("choices")
+                        .and_then(Value::as_array)
+                        .is_none_or(|c| c.is_empty());
+                    hide = hide_usage && no_choices;
+                }
+                let mut text = String::new();
+                generated_text(&v, &mut text);
+                if !text.is_empty() {
+                    self.streamed_tokens += self.settlement.tokenizer.count(&text);
+                    if self.streamed_text.len() < MAX_JSON_PARSE {
+                        self.streamed_text.push_str(&text);
+                    }
+                    if let Some(a) = &mut self.admission
+                        && let Progress::QuotaExhausted { limit } =
+                            a.progress(self.settlement.prompt_estimate + self.streamed_tokens)
+                    {
+                        passed.extend_from_slice(&answers::quota_event(limit));
+                        go_on = false;
+                        break;
+                    }
+                }
+            }
+            if !hide {
+                passed.extend_from_slice(&event);
+            }
+        }
+        if self.pending.len() > MAX_EVENT {
+            // Not SSE as we know it: pass it on untouched.
+            passed.extend_from_slice(&self.pending.split());
+        }
+        if !passed.is_empty() {
+            self.out.push_back(passed.freeze());
+        }
+        go_on
+    }
+
+    fn finish(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let Some(admission) = self.admission.take() else {
+            return;
+        };
+        let s = &self.settlement;
+        let (prompt, completion) = match self.kind {
+            ResponseKind::Failed => (0, 0),
+            ResponseKind::Other => (s.prompt_estimate, 0),
+            ResponseKind::EventStream { .. } => self
+                .usage
+                .unwrap_or((s.prompt_estimate, self.streamed_tokens)),
+            ResponseKind::Json => {
+                let parsed = (!self.json_overflow)
+                    .then(|| serde_json::from_slice::<Value>(&self.json).ok())
+                    .flatten();
+                match parsed {
+                    Some(v) => usage_of(&v).unwrap_or_else(|| {
+                        let mut text = String::new();
+                        generated_text(&v, &mut text);
+                        (s.prompt_estimate, s.tokenizer.count(&text))
+                    }),
+                    None => (s.prompt_estimate, 0),
+                }
+            }
+        };
+        s.settle(admission, prompt, completion);
+    }
+}
+
+/// End of the first complete event in `buf` (after its blank line), if any.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+            return Some(i + 2);
+        }
+        if buf[i] == b'\n' && buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+            return Some(i + 3);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The `data:` lines of an event, joined.
+fn event_data(event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data: Option<String> = None;
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("data:") {
+            let d = d.strip_prefix(' ').unwrap_or(d);
+            match &mut data {
+                Some(s) => {
+                    s.push('\n');
+                    s.push_str(d);
+                }
+                None => data = Some(d.to_owned()),
+            }
+        }
+    }
+    data
+}
+
+impl HttpBody for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    if !this.pending.is_empty() {
+                        let rest = this.pending.split().freeze();
+                        this.out.push_back(rest);
+                    }
+                    this.finish();
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.finish();
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    match this.kind {
+                        ResponseKind::EventStream { .. } => {
+                            this.pending.extend_from_slice(&frame);
+                            if !this.take_events() {
+                                // Quota: the error event goes out, then the stream ends (the
+                                // upstream connection is dropped, which stops generation).
+                                this.finish();
+                            }
+                        }
+                        ResponseKind::Json => {
+                            if this.json.len() + frame.len() <= MAX_JSON_PARSE {
+                                this.json.extend_from_slice(&frame);
+                            } else {
+                                this.json_overflow = true;
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(frame))));
+                        }
+                        _ => return Poll::Ready(Some(Ok(Frame::data(frame)))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.out.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.kind {
+            ResponseKind::EventStream {
+                hide_usage_chunk: true,
+            } => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // The client went away mid-response: settle with what was seen (the upstream stops
+        // when its connection drops).
+        if !self.ended
+            && let Some(admission) = self.admission.take()
+        {
+            self.ended = true;
+            let s = &self.settlement;
+            let (prompt, completion) = match self.kind {
+                ResponseKind::Failed => (0, 0),
+                _ => self
+                    .usage
+                    .unwrap_or((s.prompt_estimate, self.streamed_tokens)),
+            };
+            s.settle(admission, prompt, completion);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_are_split_on_blank_lines() {
+        assert_eq!(event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(event_end(b"data: a\n"), None);
+        assert_eq!(
+            event_data(b"data: {\"x\":1}\n\n").as_deref(),
+            Some("{\"x\":1}")
+        );
+        assert_eq!(event_data(b": comment\n\n"), None);
+    }
+
+    #[test]
+    fn usage_is_read_from_chat_and_responses_shapes() {
+        let chat = serde_json::json!({"usage": {"prompt_tokens": 3, "completion_tokens": 5}});
+        assert_eq!(usage_of(&chat), Some((3, 5)));
+        let resp = serde_json::json!({"usage": {"input_tokens": 4, "output_tokens": 6}});
+        assert_eq!(usage_of(&resp), Some((4, 6)));
+        assert_eq!(usage_of(&serde_json::json!({"usage": null})), None);
+    }
+}

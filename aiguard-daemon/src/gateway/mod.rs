@@ -1,0 +1,329 @@
+//! The request path: a reverse proxy in front of an OpenAI-compatible (or any HTTP) inference
+//! server that knows API keys, tenants and tiers, and enforces their limits.
+//!
+//! # Layout
+//! - this module: the shared [`Gateway`] state, listeners, connections, reload, shutdown;
+//! - [`handler`]: one request, from key to upstream and back;
+//! - [`metered`]: the response body on its way out: usage read from JSON or SSE, quota cut-off,
+//!   settlement;
+//! - [`answers`]: OpenAI-style errors and rate-limit headers;
+//! - [`client_addr`]: the client's address behind trusted proxies (X-Forwarded-For, PROXY);
+//! - [`idle`]: the client connection's idle timeout.
+pub mod answers;
+pub mod client_addr;
+mod handler;
+pub mod idle;
+mod metered;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::Config,
+    keys::KeyRing,
+    limits::Limiter,
+    tiers::{ClientAddressSource, GatewaySettings, TierTable},
+    tokens::Tokenizer,
+    usage::Ledger,
+};
+
+/// How long in-flight requests may take to finish once shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The parts of the configuration a reload may change.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub settings: GatewaySettings,
+    pub tiers: TierTable,
+    upstreams: Vec<http::Uri>,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Self {
+        let upstreams = config
+            .gateway
+            .upstreams
+            .iter()
+            .map(|u| u.parse().expect("validated upstream URL"))
+            .collect();
+        Self {
+            settings: config.gateway.clone(),
+            tiers: config.tier_table(),
+            upstreams,
+        }
+    }
+}
+
+/// Counters the admin API reports (metrics build on them).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub allowed: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub quota_exceeded: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// The gateway's shared state: one per daemon, used by every connection.
+pub struct Gateway {
+    policy: RwLock<Arc<Policy>>,
+    pub keys: Arc<KeyRing>,
+    pub limiter: Limiter,
+    pub ledger: Arc<Ledger>,
+    tokenizer: Tokenizer,
+    client: Client<HttpConnector, Full<Bytes>>,
+    next_upstream: AtomicUsize,
+    pub counters: Counters,
+}
+
+impl Gateway {
+    /// Builds the gateway; `preload` are this month's stored token totals per tenant.
+    pub fn new(
+        config: &Config,
+        keys: Arc<KeyRing>,
+        ledger: Arc<Ledger>,
+        tokenizer: Tokenizer,
+    ) -> Result<Self, crate::usage::LedgerError> {
+        let policy = Policy::from_config(config);
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(policy.settings.upstream_connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let limiter = Limiter::new();
+        let today = crate::usage::Today::now();
+        for (tenant, used) in ledger.monthly_totals(&today.month())? {
+            limiter.preload_month(&tenant, today.month_index(), used);
+        }
+        Ok(Self {
+            policy: RwLock::new(Arc::new(policy)),
+            keys,
+            limiter,
+            ledger,
+            tokenizer,
+            client,
+            next_upstream: AtomicUsize::new(0),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The policy in force now. Requests keep the one they started with.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a new (already validated) configuration; returns what needs a restart to
+    /// change, if anything did.
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        let new = Policy::from_config(config);
+        let mut needs_restart = Vec::new();
+        let mut slot = self.policy.write().unwrap_or_else(|p| p.into_inner());
+        let old = &slot.settings;
+        if old.listen != new.settings.listen {
+            needs_restart.push("gateway.listen".to_owned());
+        }
+        if old.tokenizer != new.settings.tokenizer {
+            needs_restart.push("gateway.tokenizer".to_owned());
+        }
+        if old.upstream_connect_timeout != new.settings.upstream_connect_timeout {
+            needs_restart.push("gateway.upstream_connect_timeout".to_owned());
+        }
+        *slot = Arc::new(new);
+        needs_restart
+    }
+
+    fn upstream(&self, policy: &Policy) -> http::Uri {
+        let i = self.next_upstream.fetch_add(1, Ordering::Relaxed);
+        policy.upstreams[i % policy.upstreams.len()].clone()
+    }
+}
+
+/// The gateway's listeners, bound before the daemon reports ready (so a port in use fails
+/// start-up with a clear error, and `--listen 127.0.0.1:0` can report its port).
+pub struct Listeners {
+    listeners: Vec<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(addrs: &[SocketAddr]) -> Result<Self, std::io::Error> {
+        let mut listeners = Vec::new();
+        for a in addrs {
+            let l = TcpListener::bind(a).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("gateway cannot listen on {a}: {e}"))
+            })?;
+            listeners.push(l);
+        }
+        Ok(Self { listeners })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+}
+
+/// Serves every listener until `shutdown` turns true, then stops accepting and gives in-flight
+/// requests [`DRAIN_TIMEOUT`] to finish.
+pub async fn serve(gw: Arc<Gateway>, listeners: Listeners, mut shutdown: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let mut accepts = JoinSet::new();
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(1024);
+    for l in listeners.listeners {
+        let tx = conn_tx.clone();
+        accepts.spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok(c) => {
+                        if tx.send(c).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "gateway accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    drop(conn_tx);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            conn = conn_rx.recv() => {
+                let Some((stream, peer)) = conn else { break };
+                let gw = gw.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    serve_connection(gw, stream, peer, watcher).await;
+                });
+            }
+        }
+    }
+    accepts.abort_all();
+    tokio::select! {
+        _ = graceful.shutdown() => debug!("gateway connections drained"),
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            warn!("gateway requests still running after {DRAIN_TIMEOUT:?}: closing them");
+        }
+    }
+    if let Err(e) = gw.ledger.flush() {
+        warn!(error = %e, "flushing usage at shutdown failed; the journal keeps it for the next start");
+    }
+}
+
+async fn serve_connection(
+    gw: Arc<Gateway>,
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let _ = stream.set_nodelay(true);
+    let policy = gw.policy();
+    let s = &policy.settings;
+    let mut client = client_addr::canonical(peer.ip());
+    if s.client_address == ClientAddressSource::ProxyProtocol
+        && client_addr::is_trusted(&s.trusted_proxies, peer.ip())
+    {
+        match client_addr::read_proxy_header(&mut stream, s.header_read_timeout).await {
+            Ok(Some(addr)) => client = client_addr::canonical(addr.ip()),
+            Ok(None) => {}
+            Err(e) => {
+                debug!(%peer, error = %e, "closing a connection from a trusted proxy");
+                return;
+            }
+        }
+    }
+    let active = idle::Active::default();
+    let io = TokioIo::new(idle::IdleTimeout::new(
+        stream,
+        s.idle_timeout,
+        active.clone(),
+    ));
+    let conn_info = Arc::new(handler::ConnInfo {
+        peer,
+        client,
+        active,
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_read_timeout)
+        .keep_alive(true)
+        .max_headers(100);
+    let service = service_fn(move |req| {
+        let gw = gw.clone();
+        let info = conn_info.clone();
+        async move { Ok::<_, Infallible>(handler::handle(gw, info, req).await) }
+    });
+    let conn = builder.serve_connection(io, service);
+    if let Err(e) = watcher.watch(conn).await {
+        debug!(%peer, error = %e, "gateway connection ended with an error");
+    }
+}
+
+/// Moves settled usage from the journal into the store every interval.
+pub async fn flush_usage(
+    ledger: Arc<Ledger>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let l = ledger.clone();
+        match tokio::task::spawn_blocking(move || l.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "moving usage into the store failed; retrying (the journal keeps it)")
+            }
+            Err(e) => warn!(error = %e, "usage flush task failed"),
+        }
+    }
+}
+
+/// Logged once at start.
+pub fn log_ready(addrs: &[SocketAddr], policy: &Policy) {
+    info!(
+        listen = ?addrs,
+        upstreams = ?policy.settings.upstreams,
+        tiers = ?policy.tiers.tiers.keys().collect::<Vec<_>>(),
+        "gateway ready"
+    );
+}

@@ -1,0 +1,264 @@
+//! API keys: created once and shown once, stored only as SHA-256 hashes, looked up by the
+//! first bytes of the hash and confirmed by a constant-time comparison of the whole hash.
+//!
+//! Keys are 192 random bits, so a plain hash is as good as a password hash here (nothing to
+//! brute-force) and costs well under a microsecond per request.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use rand::RngCore as _;
+use redb::{ReadableTable as _, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+
+use crate::store::{Store, StoreError};
+
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys.v1");
+
+/// What every key starts with: recognisable in a leaked-secret scan.
+pub const KEY_PREFIX: &str = "aig_";
+
+/// A key as stored and listed: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Public identifier (`key_` + 12 hex digits), used to revoke and in usage reports.
+    pub id: String,
+    pub tenant: String,
+    pub tier: String,
+    /// The first characters of the secret, to tell keys apart in a list.
+    pub hint: String,
+    pub created_ms: u64,
+    pub revoked_ms: Option<u64>,
+    /// SHA-256 of the secret, hex.
+    pub sha256: String,
+}
+
+/// Why a key operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no key with id {0:?} (see `aiguard keys list`)")]
+    NotFound(String),
+    #[error("key {0} is already revoked")]
+    AlreadyRevoked(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The key ring: every key ever created, and an index of the live ones by hash.
+pub struct KeyRing {
+    store: Store,
+    state: RwLock<Ring>,
+    /// Serialises create and revoke (each a store commit), without blocking lookups meanwhile.
+    writer: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Ring {
+    records: Vec<KeyRecord>,
+    /// Live keys by the first 8 bytes of their hash; the full hash is compared in constant time.
+    live: HashMap<u64, Vec<LiveKey>>,
+}
+
+/// What a request carrying a valid key learns about it.
+#[derive(Debug, Clone)]
+pub struct LiveKey {
+    hash: [u8; 32],
+    pub id: Arc<str>,
+    pub tenant: Arc<str>,
+    pub tier: Arc<str>,
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+fn bucket(hash: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl KeyRing {
+    /// Loads every key from the store.
+    pub fn open(store: Store) -> Result<Self, StoreError> {
+        store.write(|txn| {
+            txn.open_table(KEYS)?;
+            Ok(())
+        })?;
+        let mut records = Vec::new();
+        let mut bad = None;
+        store.read(|txn| {
+            let t = txn.open_table(KEYS)?;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                match serde_json::from_slice::<KeyRecord>(v.value()) {
+                    Ok(r) => records.push(r),
+                    Err(e) => bad = Some(format!("key {}: {e}", k.value())),
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(reason) = bad {
+            return Err(store.decode_error("keys", reason));
+        }
+        let ring = KeyRing {
+            store,
+            state: RwLock::default(),
+            writer: Mutex::new(()),
+        };
+        ring.rebuild(records);
+        Ok(ring)
+    }
+
+    fn rebuild(&self, records: Vec<KeyRecord>) {
+        let mut live: HashMap<u64, Vec<LiveKey>> = HashMap::new();
+        for r in records.iter().filter(|r| r.revoked_ms.is_none()) {
+            let Some(h) = unhex(&r.sha256) else { continue };
+            live.entry(bucket(&h)).or_default().push(LiveKey {
+                hash: h,
+                id: r.id.as_str().into(),
+                tenant: r.tenant.as_str().into(),
+                tier: r.tier.as_str().into(),
+            });
+        }
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Ring { records, live };
+    }
+
+    /// The live key `secret` is, if any.
+    pub fn authenticate(&self, secret: &str) -> Option<LiveKey> {
+        let h = hash(secret);
+        let ring = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let candidates = ring.live.get(&bucket(&h))?;
+        // Compare every candidate (there is almost always one) without stopping early.
+        let mut found = None;
+        for k in candidates {
+            if bool::from(k.hash.ct_eq(&h)) {
+                found = Some(k.clone());
+            }
+        }
+        found
+    }
+
+    /// Creates a key; the secret is returned here and never again.
+    pub fn create(
+        &self,
+        tenant: &str,
+        tier: &str,
+        now_ms: u64,
+    ) -> Result<(KeyRecord, String), KeyError> {
+        let mut secret_bytes = [0u8; 24];
+        rand::rng().fill_bytes(&mut secret_bytes);
+        let secret = format!("{KEY_PREFIX}{}", hex(&secret_bytes));
+        let mut id_bytes = [0u8; 6];
+        rand::rng().fill_bytes(&mut id_bytes);
+        let record = KeyRecord {
+            id: format!("key_{}", hex(&id_bytes)),
+            tenant: tenant.to_owned(),
+            tier: tier.to_owned(),
+            hint: secret[..KEY_PREFIX.len() + 4].to_owned(),
+            created_ms: now_ms,
+            revoked_ms: None,
+            sha256: hex(&hash(&secret)),
+        };
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.put(&record)?;
+        let mut records = self.list();
+        records.push(record.clone());
+        self.rebuild(records);
+        Ok((record, secret))
+    }
+
+    /// Revokes a key: from now on it gets 401. The record stays for usage reports.
+    pub fn revoke(&self, id: &str, now_ms: u64) -> Result<KeyRecord, KeyError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = self.list();
+        let r = records
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
+        if r.revoked_ms.is_some() {
+            return Err(KeyError::AlreadyRevoked(id.to_owned()));
+        }
+        r.revoked_ms = Some(now_ms);
+        let revoked = r.clone();
+        self.put(&revoked)?;
+        self.rebuild(records);
+        Ok(revoked)
+    }
+
+    /// Every key, oldest first.
+    pub fn list(&self) -> Vec<KeyRecord> {
+        let mut v = self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .records
+            .clone();
+        v.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    fn put(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).expect("a key record serializes");
+        self.store.write(|txn| {
+            txn.open_table(KEYS)?
+                .insert(record.id.as_str(), value.as_slice())?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_authenticate_survive_reopen_and_revoke() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rec, secret) = {
+            let ring = KeyRing::open(Store::open(dir.path()).expect("store")).expect("ring");
+            let (rec, secret) = ring.create("acme", "paid", 1).expect("create");
+            assert!(secret.starts_with(KEY_PREFIX) && secret.len() == 52);
+            let k = ring.authenticate(&secret).expect("valid key");
+            assert_eq!(
+                (&*k.tenant, &*k.tier, &*k.id),
+                ("acme", "paid", rec.id.as_str())
+            );
+            assert!(ring.authenticate("aig_wrong").is_none());
+            (rec, secret)
+        };
+        let ring = KeyRing::open(Store::open(dir.path()).expect("store")).expect("ring");
+        assert!(ring.authenticate(&secret).is_some(), "keys persist");
+        let listed = serde_json::to_string(&ring.list()).expect("json");
+        assert!(
+            !listed.contains(&secret[KEY_PREFIX.len() + 4..]),
+            "no secret in the list"
+        );
+        ring.revoke(&rec.id, 2).expect("revoke");
+        assert!(ring.authenticate(&secret).is_none());
+        assert!(matches!(
+            ring.revoke(&rec.id, 3),
+            Err(KeyError::AlreadyRevoked(_))
+        ));
+        assert!(matches!(
+            ring.revoke("key_nope", 3),
+            Err(KeyError::NotFound(_))
+        ));
+    }
+}
