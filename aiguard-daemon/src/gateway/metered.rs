@@ -363,21 +363,10 @@ impl HttpBody for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // The client went away mid-response: settle with what was seen (the upstream stops
+        // hyper stops polling a body once its content-length is delivered, and a client may
+        // go away mid-response: either way, settle with what was seen (the upstream stops
         // when its connection drops).
-        if !self.ended
-            && let Some(admission) = self.admission.take()
-        {
-            self.ended = true;
-            let s = &self.settlement;
-            let (prompt, completion) = match self.kind {
-                ResponseKind::Failed => (0, 0),
-                _ => self
-                    .usage
-                    .unwrap_or((s.prompt_estimate, self.streamed_tokens)),
-            };
-            s.settle(admission, prompt, completion);
-        }
+        self.finish();
     }
 }
 
