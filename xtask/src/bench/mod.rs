@@ -12,10 +12,15 @@
 //!
 //! The results go to stdout as a markdown table and to `target/bench/xdp.json`.
 //!
-//! All traffic stays inside network namespaces the benchmark creates (and deletes, see
-//! [`netns`]); every loop is bounded in count and time.
+//! `cargo xtask bench gateway` ([`gateway`]) measures the HTTP gateway against nginx with
+//! `limit_req`: throughput, CPU per request, and latency at a fixed rate
+//! (`target/bench/gateway.json`).
+//!
+//! The XDP benchmark's traffic stays inside network namespaces it creates (and deletes, see
+//! [`netns`]), the gateway benchmark's on loopback; every loop is bounded in count and time.
 
 mod cpu;
+mod gateway;
 mod load;
 mod netfilter;
 mod netns;
@@ -47,6 +52,9 @@ pub enum BenchTarget {
     /// The XDP path: per-packet cost (BPF_PROG_TEST_RUN), drop rate and receive CPU on veth
     /// against nftables, iptables+ipset and a drop-all ceiling, and prefix load time. Needs root.
     Xdp(XdpBenchArgs),
+    /// The gateway: requests/s, CPU per request and latency at a fixed rate through aiguard,
+    /// against nginx with limit_req and the upstream directly. The aiguard leg needs root.
+    Gateway(gateway::GatewayBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +107,7 @@ pub enum Part {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchTarget::Xdp(args) => xdp(args),
+        BenchTarget::Gateway(args) => gateway::run(args),
     }
 }
 

@@ -1,0 +1,516 @@
+//! One run's results: medians over rounds, aiguard against nginx round by round, the issue's
+//! targets; printed as markdown and written as JSON (`target/bench/gateway.json`).
+
+use std::{fmt::Write as _, fs, path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use super::{
+    GatewayBenchArgs, LatencySample, Layout, Leg, NGINX_BURST, PER_MINUTE, Samples,
+    ThroughputSample, medians_by_leg, paired_median,
+};
+
+/// aiguard's CPU per request at most this times nginx limit_req's.
+const CPU_RATIO_TARGET: f64 = 0.8;
+/// aiguard's throughput at least this times nginx limit_req's.
+const THROUGHPUT_RATIO_TARGET: f64 = 1.0;
+/// p99 latency aiguard adds over the direct leg at the fixed rate, below this.
+const ADDED_P99_TARGET_US: f64 = 1_000.0;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub kernel: String,
+    pub cpus: usize,
+    pub layout: Layout,
+    /// nginx and wrk versions.
+    pub tools: Vec<String>,
+    pub rounds: usize,
+    pub seconds: u64,
+    pub connections: usize,
+    pub keys: usize,
+    /// Each key's limit, in both proxies.
+    pub limit_per_minute: u64,
+    pub nginx_burst: u64,
+    pub throughput: Vec<ThroughputRow>,
+    pub latency: Vec<LatencyRow>,
+    pub ratios: Ratios,
+    pub targets: Vec<Target>,
+    pub notes: Vec<String>,
+    pub samples: Samples,
+}
+
+/// Medians over rounds of one leg at saturation.
+#[derive(Debug, Serialize)]
+pub struct ThroughputRow {
+    pub leg: Leg,
+    pub requests_per_sec: f64,
+    pub proxy_cpu_us_per_request: Option<f64>,
+    pub upstream_cpu_us_per_request: f64,
+    pub proxy_cpu_busy: f64,
+    pub load_cpu_busy: f64,
+    pub proxy_cpu_foreign: f64,
+}
+
+/// Medians over rounds of one leg at the fixed rate.
+#[derive(Debug, Serialize)]
+pub struct LatencyRow {
+    pub leg: Leg,
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Over the direct leg of the same round, median over rounds.
+    pub added_p50_us: Option<f64>,
+    pub added_p99_us: Option<f64>,
+    pub proxy_cpu_us_per_request: Option<f64>,
+    pub lag_p99_us: f64,
+}
+
+/// aiguard over nginx limit_req: medians of per-round ratios.
+#[derive(Debug, Default, Serialize)]
+pub struct Ratios {
+    pub cpu_per_request: Option<f64>,
+    pub throughput: Option<f64>,
+    pub cpu_per_request_at_fixed_rate: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+impl Report {
+    pub fn new(
+        command: String,
+        cpus: usize,
+        layout: Layout,
+        args: &GatewayBenchArgs,
+        legs: &[Leg],
+        samples: Samples,
+        notes: Vec<String>,
+    ) -> Result<Self> {
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+            .context("reading the kernel release")?
+            .trim()
+            .to_owned();
+        let tools = [["nginx", "-v"], ["wrk", "-v"]]
+            .iter()
+            .filter_map(|[tool, flag]| first_line_of(Command::new(tool).arg(flag)))
+            .collect();
+        let mut notes = notes;
+        if !legs.contains(&Leg::Aiguard) {
+            notes.push(
+                "no aiguard leg: keys made up in aiguard's shape, targets not evaluated".into(),
+            );
+        }
+        let mut report = Self {
+            command,
+            kernel,
+            cpus,
+            layout,
+            tools,
+            rounds: args.rounds,
+            seconds: args.seconds,
+            connections: args.connections,
+            keys: args.keys,
+            limit_per_minute: PER_MINUTE,
+            nginx_burst: NGINX_BURST,
+            throughput: throughput_rows(&samples.throughput),
+            latency: latency_rows(&samples.latency),
+            ratios: ratios(&samples),
+            targets: Vec::new(),
+            notes,
+            samples,
+        };
+        report.targets = report.targets();
+        Ok(report)
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        if let Some(ratio) = self.ratios.cpu_per_request {
+            targets.push(Target {
+                target: format!(
+                    "aiguard's CPU per request <= {CPU_RATIO_TARGET}x nginx limit_req's"
+                ),
+                measured: format!("{ratio:.2}x"),
+                met: ratio <= CPU_RATIO_TARGET,
+            });
+        }
+        if let Some(ratio) = self.ratios.throughput {
+            targets.push(Target {
+                target: "aiguard's throughput >= nginx limit_req's".into(),
+                measured: format!("{ratio:.2}x"),
+                met: ratio >= THROUGHPUT_RATIO_TARGET,
+            });
+        }
+        if let Some(row) = self.latency.iter().find(|row| row.leg == Leg::Aiguard)
+            && let Some(added) = row.added_p99_us
+        {
+            targets.push(Target {
+                target: format!(
+                    "p99 latency aiguard adds over direct at {} requests/s < 1 ms",
+                    grouped(row.rate)
+                ),
+                measured: format!("{added:.0} us"),
+                met: added < ADDED_P99_TARGET_US,
+            });
+        }
+        targets
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = self.write_markdown(&mut out);
+        out
+    }
+
+    fn write_markdown(&self, out: &mut String) -> std::fmt::Result {
+        writeln!(out, "\n## aiguard gateway benchmark\n")?;
+        writeln!(out, "Command: `{}`  ", self.command)?;
+        writeln!(out, "Kernel {}, {} CPUs.  ", self.kernel, self.cpus)?;
+        writeln!(out, "Tools: {}.  ", self.tools.join("; "))?;
+        writeln!(
+            out,
+            "Layout: the proxy (nginx or aiguard, one at a time) alone on CPU {}; the load \
+             generator (wrk or the fixed-rate one) and the upstream (nginx, one worker) on CPU {}.  ",
+            self.layout.proxy_cpu, self.layout.load_cpu
+        )?;
+        writeln!(
+            out,
+            "Load: {} kept-alive connections, `POST /v1/chat/completions`, each request with the \
+             next of {} keys. Limit in both proxies: {} requests/minute per key (nginx: \
+             `limit_req_zone $http_authorization`, `burst={} nodelay`), far above what the load \
+             offers a key, so every request is checked and none refused (a 429 fails the run).  ",
+            self.connections,
+            grouped(self.keys as f64),
+            grouped(self.limit_per_minute as f64),
+            self.nginx_burst
+        )?;
+        writeln!(
+            out,
+            "Median of {} rounds, legs interleaved (order rotating), {} s measured per leg and part.\n",
+            self.rounds, self.seconds
+        )?;
+
+        if !self.throughput.is_empty() {
+            writeln!(out, "### Throughput at saturation (wrk)\n")?;
+            writeln!(
+                out,
+                "Proxy CPU = user + system time of the proxy's processes / requests. Busy = share \
+                 of the CPU's time spent running anything.\n"
+            )?;
+            writeln!(
+                out,
+                "| leg | requests/s | proxy CPU/request (us) | upstream CPU/request (us) | proxy CPU busy | of which other processes | load CPU busy |"
+            )?;
+            writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
+            for row in &self.throughput {
+                writeln!(
+                    out,
+                    "| {} | {} | {} | {:.1} | {:.0}% | {:.0}% | {:.0}% |",
+                    row.leg.label(),
+                    grouped(row.requests_per_sec),
+                    optional(row.proxy_cpu_us_per_request, 1),
+                    row.upstream_cpu_us_per_request,
+                    row.proxy_cpu_busy * 100.0,
+                    row.proxy_cpu_foreign * 100.0,
+                    row.load_cpu_busy * 100.0
+                )?;
+            }
+            writeln!(out)?;
+        }
+
+        if !self.latency.is_empty() {
+            writeln!(out, "### Latency at a fixed rate (open loop)\n")?;
+            writeln!(
+                out,
+                "Requests evenly spaced at half of nginx's throughput in the same round; latency \
+                 from each request's due time (so a held-up connection counts), less the \
+                 generator's own lateness, shown as lag. Added = this leg minus the direct leg, \
+                 same round.\n"
+            )?;
+            writeln!(
+                out,
+                "| leg | rate (requests/s) | p50 (us) | p99 (us) | added p50 (us) | added p99 (us) | proxy CPU/request (us) | generator lag p99 (us) |"
+            )?;
+            writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+            for row in &self.latency {
+                writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {:.0} |",
+                    row.leg.label(),
+                    grouped(row.rate),
+                    row.p50_us,
+                    row.p99_us,
+                    optional(row.added_p50_us, 0),
+                    optional(row.added_p99_us, 0),
+                    optional(row.proxy_cpu_us_per_request, 1),
+                    row.lag_p99_us
+                )?;
+            }
+            writeln!(out)?;
+        }
+
+        let ratios = [
+            ("CPU per request at saturation", self.ratios.cpu_per_request),
+            ("throughput", self.ratios.throughput),
+            (
+                "CPU per request at the fixed rate",
+                self.ratios.cpu_per_request_at_fixed_rate,
+            ),
+        ];
+        if ratios.iter().any(|(_, ratio)| ratio.is_some()) {
+            writeln!(
+                out,
+                "### aiguard / nginx limit_req (median of per-round ratios)\n"
+            )?;
+            writeln!(out, "| measure | ratio |")?;
+            writeln!(out, "|---|---:|")?;
+            for (measure, ratio) in ratios {
+                if let Some(ratio) = ratio {
+                    writeln!(out, "| {measure} | {ratio:.2}x |")?;
+                }
+            }
+            writeln!(out)?;
+        }
+
+        if !self.targets.is_empty() {
+            writeln!(out, "### Targets\n")?;
+            writeln!(out, "| target | measured | met |")?;
+            writeln!(out, "|---|---:|:---:|")?;
+            for target in &self.targets {
+                writeln!(
+                    out,
+                    "| {} | {} | {} |",
+                    target.target,
+                    target.measured,
+                    if target.met { "yes" } else { "**no**" }
+                )?;
+            }
+            writeln!(out)?;
+        }
+
+        if !self.notes.is_empty() {
+            writeln!(out, "Notes:")?;
+            for note in &self.notes {
+                writeln!(out, "- {note}")?;
+            }
+            writeln!(out)?;
+        }
+        Ok(())
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let json = serde_json::to_string_pretty(self).context("serializing the results")?;
+        fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+fn throughput_rows(samples: &[ThroughputSample]) -> Vec<ThroughputRow> {
+    let of = |value: fn(&ThroughputSample) -> f64| medians_by_leg(samples, |s| s.leg, value);
+    let rate = of(|s| s.requests_per_sec);
+    let proxy_cpu = of(|s| s.proxy_cpu_us_per_request.unwrap_or(f64::NAN));
+    let upstream_cpu = of(|s| s.upstream_cpu_us_per_request);
+    let proxy_busy = of(|s| s.proxy_cpu_busy);
+    let load_busy = of(|s| s.load_cpu_busy);
+    let foreign = of(|s| s.proxy_cpu_foreign);
+    rate.into_iter()
+        .map(|(leg, requests_per_sec)| ThroughputRow {
+            leg,
+            requests_per_sec,
+            proxy_cpu_us_per_request: proxy_cpu.get(&leg).copied().filter(|us| !us.is_nan()),
+            upstream_cpu_us_per_request: upstream_cpu[&leg],
+            proxy_cpu_busy: proxy_busy[&leg],
+            load_cpu_busy: load_busy[&leg],
+            proxy_cpu_foreign: foreign[&leg],
+        })
+        .collect()
+}
+
+fn latency_rows(samples: &[LatencySample]) -> Vec<LatencyRow> {
+    let of = |value: fn(&LatencySample) -> f64| medians_by_leg(samples, |s| s.leg, value);
+    let rate = of(|s| s.rate);
+    let p50 = of(|s| s.latency.p50_us);
+    let p99 = of(|s| s.latency.p99_us);
+    let proxy_cpu = of(|s| s.proxy_cpu_us_per_request.unwrap_or(f64::NAN));
+    let lag = of(|s| s.lag.p99_us);
+    let added = |leg: Leg, value: fn(&LatencySample) -> f64| {
+        (leg != Leg::Direct)
+            .then(|| {
+                paired_median(
+                    samples,
+                    |s| s.round,
+                    |s| s.leg,
+                    |s| Some(value(s)),
+                    (leg, Leg::Direct),
+                    |ours, direct| ours - direct,
+                )
+            })
+            .flatten()
+    };
+    rate.into_iter()
+        .map(|(leg, rate)| LatencyRow {
+            leg,
+            rate,
+            p50_us: p50[&leg],
+            p99_us: p99[&leg],
+            added_p50_us: added(leg, |s| s.latency.p50_us),
+            added_p99_us: added(leg, |s| s.latency.p99_us),
+            proxy_cpu_us_per_request: proxy_cpu.get(&leg).copied().filter(|us| !us.is_nan()),
+            lag_p99_us: lag[&leg],
+        })
+        .collect()
+}
+
+fn ratios(samples: &Samples) -> Ratios {
+    let pair = (Leg::Aiguard, Leg::Nginx);
+    let divide = |ours: f64, theirs: f64| ours / theirs;
+    Ratios {
+        cpu_per_request: paired_median(
+            &samples.throughput,
+            |s| s.round,
+            |s| s.leg,
+            |s| s.proxy_cpu_us_per_request,
+            pair,
+            divide,
+        ),
+        throughput: paired_median(
+            &samples.throughput,
+            |s| s.round,
+            |s| s.leg,
+            |s| Some(s.requests_per_sec),
+            pair,
+            divide,
+        ),
+        cpu_per_request_at_fixed_rate: paired_median(
+            &samples.latency,
+            |s| s.round,
+            |s| s.leg,
+            |s| s.proxy_cpu_us_per_request,
+            pair,
+            divide,
+        ),
+    }
+}
+
+/// The first line a tool prints about itself, on stdout or stderr, whatever its exit status
+/// (`nginx -v` writes to stderr, `wrk -v` exits 1).
+fn first_line_of(cmd: &mut Command) -> Option<String> {
+    let output = cmd.output().ok()?;
+    let text = [output.stdout, output.stderr].concat();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .map(str::to_owned)
+}
+
+fn optional(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |value| format!("{value:.decimals$}"))
+}
+
+/// `1234567.8` as `1,234,568`.
+fn grouped(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::gateway::{open_loop::Percentiles, wrk};
+
+    fn throughput(round: usize, leg: Leg, rps: f64, cpu_us: Option<f64>) -> ThroughputSample {
+        ThroughputSample {
+            round,
+            leg,
+            requests: 1,
+            seconds: 1.0,
+            requests_per_sec: rps,
+            proxy_cpu_us_per_request: cpu_us,
+            upstream_cpu_us_per_request: 10.0,
+            proxy_cpu_busy: 1.0,
+            load_cpu_busy: 0.5,
+            proxy_cpu_foreign: 0.0,
+            wrk: wrk::Summary::default(),
+        }
+    }
+
+    fn latency(round: usize, leg: Leg, p99_us: f64) -> LatencySample {
+        let percentiles = Percentiles {
+            p50_us: p99_us / 2.0,
+            p99_us,
+            max_us: p99_us,
+        };
+        LatencySample {
+            round,
+            leg,
+            rate: 10_000.0,
+            requests: 1,
+            latency: percentiles,
+            lag: percentiles,
+            proxy_cpu_us_per_request: None,
+            proxy_cpu_busy: 0.5,
+            load_cpu_busy: 0.5,
+            proxy_cpu_foreign: 0.0,
+            generator_cpu_us_per_request: 10.0,
+        }
+    }
+
+    #[test]
+    fn ratios_and_added_latency_pair_rounds() {
+        let samples = Samples {
+            throughput: vec![
+                throughput(1, Leg::Direct, 30_000.0, None),
+                throughput(1, Leg::Nginx, 20_000.0, Some(40.0)),
+                throughput(1, Leg::Aiguard, 25_000.0, Some(30.0)),
+                throughput(2, Leg::Nginx, 10_000.0, Some(80.0)),
+                throughput(2, Leg::Aiguard, 11_000.0, Some(70.0)),
+            ],
+            latency: vec![
+                latency(1, Leg::Direct, 100.0),
+                latency(1, Leg::Aiguard, 300.0),
+                latency(2, Leg::Direct, 200.0),
+                latency(2, Leg::Aiguard, 250.0),
+            ],
+        };
+        let ratios = ratios(&samples);
+        // Rounds: 30/40 = 0.75 and 70/80 = 0.875.
+        assert_eq!(ratios.cpu_per_request, Some(0.8125));
+        assert_eq!(ratios.throughput, Some((1.25 + 1.1) / 2.0));
+        assert_eq!(ratios.cpu_per_request_at_fixed_rate, None);
+
+        let rows = latency_rows(&samples.latency);
+        let aiguard = rows.iter().find(|r| r.leg == Leg::Aiguard).unwrap();
+        assert_eq!(aiguard.added_p99_us, Some((200.0 + 50.0) / 2.0));
+        let direct = rows.iter().find(|r| r.leg == Leg::Direct).unwrap();
+        assert_eq!(direct.added_p99_us, None);
+
+        let rows = throughput_rows(&samples.throughput);
+        assert_eq!(rows[0].leg, Leg::Direct);
+        assert_eq!(rows[0].proxy_cpu_us_per_request, None);
+        assert_eq!(rows[2].proxy_cpu_us_per_request, Some(50.0));
+    }
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(grouped(999.4), "999");
+        assert_eq!(grouped(1_234_567.8), "1,234,568");
+        assert_eq!(optional(None, 1), "-");
+        assert_eq!(optional(Some(1.26), 1), "1.3");
+    }
+}
