@@ -8,14 +8,16 @@
 //! One mutex per tenant holds every bucket of the tenant, its keys and its models, so a
 //! decision over all levels is atomic (no level is charged for a request another level refused)
 //! and tenants never contend with each other.
+// Fx hashing: tenant names and key ids come from the operator and the key ring, not from
+// clients, so a hash-flooding defence is not needed, and Fx is several times faster on short
+// strings.
+use rustc_hash::FxHashMap;
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use serde::Serialize;
-use tokio::time::Instant;
 
 use crate::tiers::{Limits, QuotaEnforcement, TenantPolicy};
 
@@ -42,8 +44,15 @@ impl Gcra {
     /// Time `cost` units occupy in a bucket of `limit` per `period` (rounded up, so that N
     /// units of a limit N never fit more than N).
     fn weight(cost: u64, limit: u64, period: u64) -> u64 {
-        let w = (u128::from(cost) * u128::from(period)).div_ceil(u128::from(limit));
-        u64::try_from(w).unwrap_or(u64::MAX)
+        // u64 arithmetic when it fits (always, for sane limits): a u128 division is a
+        // library call several times slower, and this runs for every bucket of every request.
+        match cost.checked_mul(period) {
+            Some(p) => p.div_ceil(limit),
+            None => {
+                let w = (u128::from(cost) * u128::from(period)).div_ceil(u128::from(limit));
+                u64::try_from(w).unwrap_or(u64::MAX)
+            }
+        }
     }
 
     /// The new arrival time if `cost` is admitted now, or how long until it would be.
@@ -81,7 +90,10 @@ impl Gcra {
     fn state(&self, now: u64, limit: u64, period: u64) -> RateState {
         let used_ns = self.tat.saturating_sub(now).min(period);
         let free_ns = period - used_ns;
-        let remaining = (u128::from(free_ns) * u128::from(limit) / u128::from(period)) as u64;
+        let remaining = match free_ns.checked_mul(limit) {
+            Some(x) => x / period,
+            None => (u128::from(free_ns) * u128::from(limit) / u128::from(period)) as u64,
+        };
         RateState {
             limit,
             remaining,
@@ -156,7 +168,7 @@ pub enum Denial {
 #[derive(Debug, Clone)]
 pub struct Demand<'a> {
     pub tenant: &'a str,
-    pub key: &'a str,
+    pub key: &'a Arc<str>,
     pub policy: &'a TenantPolicy,
     /// The model and its limits, when the tier limits that model.
     pub model: Option<(&'a str, &'a Limits)>,
@@ -180,8 +192,8 @@ struct MonthUsage {
 #[derive(Debug, Default)]
 struct TenantState {
     tenant: Buckets,
-    keys: HashMap<Box<str>, Buckets>,
-    models: HashMap<Box<str>, Buckets>,
+    keys: FxHashMap<Arc<str>, Buckets>,
+    models: FxHashMap<Box<str>, Buckets>,
     month: MonthUsage,
 }
 
@@ -198,11 +210,31 @@ impl TenantState {
     }
 }
 
+/// Where the limiter reads time: the system's monotonic clock, or tokio's (which tests can
+/// pause and advance).
+#[derive(Debug, Clone, Copy)]
+enum Clock {
+    System(std::time::Instant),
+    Tokio(tokio::time::Instant),
+}
+
+impl Clock {
+    /// Nanoseconds since the limiter started, offset by a day so that a fresh bucket (arrival
+    /// time 0) is full from the start.
+    fn now_ns(&self) -> u64 {
+        let elapsed = match self {
+            Clock::System(epoch) => epoch.elapsed(),
+            Clock::Tokio(epoch) => epoch.elapsed(),
+        };
+        elapsed.as_nanos() as u64 + DAY_NS
+    }
+}
+
 /// The limits of every tenant on this node.
 #[derive(Debug)]
 pub struct Limiter {
-    tenants: RwLock<HashMap<Box<str>, Arc<Mutex<TenantState>>>>,
-    epoch: Instant,
+    tenants: RwLock<FxHashMap<Box<str>, Arc<Mutex<TenantState>>>>,
+    clock: Clock,
 }
 
 impl Default for Limiter {
@@ -225,8 +257,8 @@ pub struct RateHeaders {
 #[derive(Debug)]
 pub struct Admission {
     state: Arc<Mutex<TenantState>>,
-    epoch: Instant,
-    key: Box<str>,
+    clock: Clock,
+    key: Arc<str>,
     model: Option<Box<str>>,
     limits: AdmittedLimits,
     reserved: u64,
@@ -249,13 +281,20 @@ impl Limiter {
     pub fn new() -> Self {
         Self {
             tenants: RwLock::default(),
-            epoch: Instant::now(),
+            clock: Clock::System(std::time::Instant::now()),
+        }
+    }
+
+    /// A limiter on tokio's clock, for tests that pause and advance time.
+    pub fn with_tokio_clock() -> Self {
+        Self {
+            tenants: RwLock::default(),
+            clock: Clock::Tokio(tokio::time::Instant::now()),
         }
     }
 
     fn now_ns(&self) -> u64 {
-        // Offset by a day so that a fresh bucket (tat 0) is full even at start.
-        self.epoch.elapsed().as_nanos() as u64 + DAY_NS
+        self.clock.now_ns()
     }
 
     fn tenant(&self, tenant: &str) -> Arc<Mutex<TenantState>> {
@@ -299,28 +338,28 @@ impl Limiter {
         let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
         s.roll_month(d.month);
-        if !s.keys.contains_key(d.key) {
-            s.keys.insert(d.key.into(), Buckets::default());
+        if !s.keys.contains_key(&**d.key) {
+            s.keys.insert(d.key.clone(), Buckets::default());
         }
         if let Some((m, _)) = d.model
             && !s.models.contains_key(m)
         {
             s.models.insert(m.into(), Buckets::default());
         }
-        let key_buckets = s.keys.get_mut(d.key).expect("inserted above");
-        let model_buckets = match d.model {
-            Some((m, _)) => s.models.get_mut(m),
+        let key_buckets = s.keys.get_mut(&**d.key).expect("inserted above");
+        let model_level = match d.model {
+            Some((m, limits)) => s.models.get_mut(m).map(|b| (Level::Model, limits, b)),
             None => None,
         };
-        let mut levels: Vec<(Level, &Limits, &mut Buckets)> = Vec::with_capacity(3);
-        levels.push((Level::Tenant, &d.policy.tenant, &mut s.tenant));
-        levels.push((Level::Key, &d.policy.per_key, key_buckets));
-        if let (Some((_, limits)), Some(b)) = (d.model, model_buckets) {
-            levels.push((Level::Model, limits, b));
-        }
+        // At most three levels: a fixed array, no allocation per decision.
+        let mut levels: [Option<(Level, &Limits, &mut Buckets)>; 3] = [
+            Some((Level::Tenant, &d.policy.tenant, &mut s.tenant)),
+            Some((Level::Key, &d.policy.per_key, key_buckets)),
+            model_level,
+        ];
 
         // Concurrency first: it is the cheapest answer and does not depend on time.
-        for (level, limits, b) in &levels {
+        for (level, limits, b) in levels.iter().flatten() {
             if let Some(max) = limits.max_concurrent
                 && b.in_flight >= max
             {
@@ -342,9 +381,8 @@ impl Limiter {
             }
         }
         // Compute every new arrival time before changing any: all levels or none.
-        let mut new_tats: Vec<[Option<u64>; 3]> = Vec::with_capacity(levels.len());
-        for (level, limits, b) in &levels {
-            let mut tats = [None; 3];
+        let mut new_tats = [[None; 3]; 3];
+        for ((level, limits, b), tats) in levels.iter().flatten().zip(new_tats.iter_mut()) {
             if let Some(limit) = limits.requests_per_minute {
                 tats[0] = Some(b.per_minute.try_take(now, 1, limit, MINUTE_NS).map_err(
                     |retry_after| Denial::Requests {
@@ -382,10 +420,9 @@ impl Limiter {
                     },
                 )?);
             }
-            new_tats.push(tats);
         }
         let mut headers = RateHeaders::default();
-        for ((_, limits, b), tats) in levels.iter_mut().zip(new_tats) {
+        for ((_, limits, b), tats) in levels.iter_mut().flatten().zip(new_tats) {
             if let Some(t) = tats[0] {
                 b.per_minute.tat = t;
             }
@@ -410,8 +447,8 @@ impl Limiter {
         drop(guard);
         Ok(Admission {
             state,
-            epoch: self.epoch,
-            key: d.key.into(),
+            clock: self.clock,
+            key: d.key.clone(),
             model: d.model.map(|(m, _)| m.into()),
             limits: AdmittedLimits {
                 tenant: d.policy.tenant.clone(),
@@ -477,7 +514,7 @@ impl Admission {
     }
 
     fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + DAY_NS
+        self.clock.now_ns()
     }
 
     /// A streaming response has used `tokens` so far (prompt + completion). Grows the
@@ -563,10 +600,10 @@ mod tests {
         }
     }
 
-    fn demand<'a>(p: &'a TenantPolicy, key: &'a str, tokens: u64) -> Demand<'a> {
+    fn demand<'a>(p: &'a TenantPolicy, key: &str, tokens: u64) -> Demand<'a> {
         Demand {
             tenant: "acme",
-            key,
+            key: Box::leak(Box::new(Arc::from(key))),
             policy: p,
             model: None,
             tokens,
@@ -584,7 +621,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn requests_per_minute_admits_the_limit_then_refills_evenly() {
-        let l = Limiter::new();
+        let l = Limiter::with_tokio_clock();
         let p = policy(rpm(10), Limits::default(), None);
         let admitted: Vec<_> = (0..20)
             .filter_map(|_| l.admit(&demand(&p, "k", 0)).ok())
@@ -601,7 +638,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn key_sub_limit_and_tenant_limit_both_hold_and_refusals_charge_nothing() {
-        let l = Limiter::new();
+        let l = Limiter::with_tokio_clock();
         let p = policy(rpm(5), rpm(3), None);
         let a: Vec<_> = (0..10)
             .filter_map(|_| l.admit(&demand(&p, "k1", 0)).ok())
@@ -616,7 +653,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn tokens_are_reserved_then_refunded() {
-        let l = Limiter::new();
+        let l = Limiter::with_tokio_clock();
         let p = policy(
             Limits {
                 tokens_per_minute: Some(1000),
@@ -641,7 +678,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_slots_are_released_on_settle_and_drop() {
-        let l = Limiter::new();
+        let l = Limiter::with_tokio_clock();
         let p = policy(
             Limits {
                 max_concurrent: Some(2),
@@ -665,7 +702,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn monthly_quota_counts_reservations_and_settled_usage() {
-        let l = Limiter::new();
+        let l = Limiter::with_tokio_clock();
         let p = policy(Limits::default(), Limits::default(), Some(1000));
         l.preload_month("acme", 1, 500);
         let a = l.admit(&demand(&p, "k", 400)).expect("500 + 400 fits");
@@ -684,7 +721,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn headers_report_the_tightest_limit() {
-        let l = Limiter::new();
+        let l = Limiter::with_tokio_clock();
         let p = policy(rpm(100), rpm(4), None);
         let a = l.admit(&demand(&p, "k", 0)).expect("ok");
         let r = a.headers.requests.expect("requests limited");
