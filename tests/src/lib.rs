@@ -4,10 +4,12 @@
 //! - this file: the privilege gate and unique names, shared by every test;
 //! - [`packets`]: crafted Ethernet frames for BPF_PROG_TEST_RUN verdict tests;
 //! - [`netns`]: network namespaces and veth pairs that clean up on drop;
-//! - [`daemon`]: the real `aiguard` binary as a child process, and its CLI.
+//! - [`daemon`]: the real `aiguard` binary as a child process, and its CLI;
+//! - [`upstream`]: a fake OpenAI-compatible server for the gateway to proxy to.
 pub mod daemon;
 pub mod netns;
 pub mod packets;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
