@@ -1,6 +1,7 @@
-//! The real `aiguard` binary as a child process inside a test's network namespace, and its CLI.
+//! The real `aiguard` binary as a child process inside a test's network namespace (or the test
+//! process's own, for the gateway on loopback), and its CLI.
 //!
-//! The daemon is started with `nsenter --net=/run/netns/NAME` rather than `ip netns exec`: the
+//! In a namespace, the daemon is started with `nsenter --net=/run/netns/NAME` rather than `ip netns exec`: the
 //! latter also makes a new mount namespace, where bpffs pins vanish with the process, and the
 //! tests need the pins to outlive a killed daemon. `nsenter` execs the binary, so the child's
 //! PID is the daemon's and every signal goes to it by PID.
@@ -196,10 +197,12 @@ impl Drop for Scratch {
     }
 }
 
-/// A running `aiguard run` in a namespace, with its own socket, state and pin directories.
-/// Dropping it kills the daemon and removes its pins (removing the link pin detaches XDP).
+/// A running `aiguard run` in a namespace (or the host's), with its own socket, state and pin
+/// directories. Dropping it kills the daemon and removes its pins (removing the link pin
+/// detaches XDP).
 pub struct Daemon {
-    netns_path: PathBuf,
+    /// `None`: the test process's own network namespace.
+    netns_path: Option<PathBuf>,
     run_args: Vec<String>,
     socket: PathBuf,
     bpffs_dir: PathBuf,
@@ -214,23 +217,40 @@ impl Daemon {
     /// Starts `aiguard run RUN_ARGS` in `ns` (the socket, state and bpffs directories are
     /// added) and waits until it answers `status`.
     pub fn start(ns: &Netns, run_args: &[&str]) -> Self {
-        let mut daemon = Self::prepare(ns, run_args);
+        let mut daemon = Self::prepare(Some(ns), run_args);
         daemon.spawn();
         daemon
     }
 
     /// Like [`Daemon::start`], with `config` (TOML) written to a file passed as `--config`.
     pub fn start_with_config(ns: &Netns, config: &str, run_args: &[&str]) -> Self {
-        let mut daemon = Self::prepare(ns, run_args);
-        let path = daemon.scratch_file("aiguard.toml");
-        fs::write(&path, config).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        daemon.run_args.push("--config".into());
-        daemon.run_args.push(path.display().to_string());
+        let mut daemon = Self::prepare(Some(ns), run_args);
+        daemon.use_config(config);
         daemon.spawn();
         daemon
     }
 
-    fn prepare(ns: &Netns, run_args: &[&str]) -> Self {
+    /// Starts `aiguard run RUN_ARGS` in the test process's own network namespace, with
+    /// `config` (TOML) as its `--config` if given, and waits until it answers `status`. For a
+    /// daemon that attaches to no interface: the gateway, listening on loopback.
+    pub fn start_host(config: Option<&str>, run_args: &[&str]) -> Self {
+        let mut daemon = Self::prepare(None, run_args);
+        if let Some(config) = config {
+            daemon.use_config(config);
+        }
+        daemon.spawn();
+        daemon
+    }
+
+    /// Writes `config` to a scratch file and passes it as `--config`.
+    fn use_config(&mut self, config: &str) {
+        let path = self.scratch_file("aiguard.toml");
+        fs::write(&path, config).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        self.run_args.push("--config".into());
+        self.run_args.push(path.display().to_string());
+    }
+
+    fn prepare(ns: Option<&Netns>, run_args: &[&str]) -> Self {
         // The full PID: unlike namespace names these are not limited to 15 bytes, and a
         // leftover of the same name is removed before use, so it must be this process's own.
         let name = format!("{}-{}", std::process::id(), crate::unique_name("d"));
@@ -238,7 +258,7 @@ impl Daemon {
         let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(format!("aiguard-test-{name}"));
         let _ = fs::remove_dir_all(&bpffs_dir);
         Self {
-            netns_path: ns.path(),
+            netns_path: ns.map(Netns::path),
             run_args: run_args.iter().map(|s| (*s).to_owned()).collect(),
             socket: scratch.0.join("admin.sock"),
             bpffs_dir,
@@ -280,11 +300,17 @@ impl Daemon {
             .open(&self.log)
             .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
         let log_err = log.try_clone().expect("duplicating the log file handle");
-        let mut net = std::ffi::OsString::from("--net=");
-        net.push(&self.netns_path);
-        let child = Command::new("nsenter")
-            .arg(net)
-            .arg(aiguard_bin())
+        let mut cmd = match &self.netns_path {
+            Some(netns) => {
+                let mut net = std::ffi::OsString::from("--net=");
+                net.push(netns);
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(net).arg(aiguard_bin());
+                cmd
+            }
+            None => Command::new(aiguard_bin()),
+        };
+        let child = cmd
             .arg("--socket")
             .arg(&self.socket)
             .arg("run")
@@ -301,7 +327,7 @@ impl Daemon {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .expect("starting nsenter (util-linux) with the aiguard daemon");
+            .unwrap_or_else(|e| panic!("starting the aiguard daemon ({cmd:?}): {e}"));
         self.child = Some(child);
         self.wait_ready();
     }
