@@ -52,6 +52,14 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// The venv the official OpenAI Python client's tests run in, relative to the workspace root.
+const PYTHON_VENV: &str = "target/pyenv";
+/// What goes into it, relative to the workspace root.
+const PYTHON_REQUIREMENTS: &str = "tests/python/requirements.txt";
+/// In the venv: the SHA-256 of the requirements it was installed from, so that a second run
+/// knows without asking PyPI.
+const REQUIREMENTS_STAMP: &str = "requirements.sha256";
+
 pub fn run() -> Result<()> {
     let started = Instant::now();
     ensure_ebpf_toolchain()?;
@@ -59,6 +67,7 @@ pub fn run() -> Result<()> {
     ensure_rust_components(Some(NIGHTLY), LINT_COMPONENTS)?;
     ensure_debian_packages()?;
     ensure_bpffs()?;
+    ensure_python_venv()?;
     eprintln!("setup: done in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -241,6 +250,10 @@ fn ensure_debian_packages() -> Result<()> {
         eprintln!("setup: Debian packages {}: installed", names.join(", "));
         return Ok(());
     }
+    install_debian_packages(&missing)
+}
+
+fn install_debian_packages(missing: &[&str]) -> Result<()> {
     require_root(&format!(
         "installing Debian packages ({})",
         missing.join(", ")
@@ -264,7 +277,7 @@ fn ensure_debian_packages() -> Result<()> {
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
+            .args(missing),
     )
     .context("installing Debian packages");
     if !had_policy {
@@ -300,6 +313,102 @@ fn ensure_bpffs() -> Result<()> {
     require_root(&format!("mounting bpffs at {BPFFS}"))?;
     run_checked(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
         .with_context(|| format!("mounting bpffs at {BPFFS}"))
+}
+
+/// A venv at `target/pyenv` with `tests/python/requirements.txt` installed. Skipped when the
+/// venv's interpreter runs and it was installed from requirements of the same hash.
+fn ensure_python_venv() -> Result<()> {
+    let root = workspace_root();
+    let venv = root.join(PYTHON_VENV);
+    let python = venv.join("bin/python");
+    let requirements = root.join(PYTHON_REQUIREMENTS);
+    let stamp = venv.join(REQUIREMENTS_STAMP);
+    let wanted = sha256_of(&requirements)?;
+    let runs = python_runs(&python);
+    if runs && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted) {
+        eprintln!("setup: Python venv {PYTHON_VENV} ({PYTHON_REQUIREMENTS}): installed");
+        return Ok(());
+    }
+    if !runs {
+        create_venv(&venv)?;
+    }
+    // Gone until the install succeeds, so that an interrupted one is redone.
+    if stamp.exists() {
+        fs::remove_file(&stamp).with_context(|| format!("removing {}", stamp.display()))?;
+    }
+    eprintln!("setup: installing {PYTHON_REQUIREMENTS} into {PYTHON_VENV}");
+    run_checked(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&requirements),
+    )
+    .with_context(|| format!("installing {PYTHON_REQUIREMENTS} into {PYTHON_VENV}"))?;
+    fs::write(&stamp, format!("{wanted}\n")).with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// Whether `python` starts (a venv whose base interpreter is gone does not).
+fn python_runs(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", ""])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `python3 -m venv`, after installing Debian's python3-venv if the interpreter lacks ensurepip
+/// (Debian splits it out of python3).
+fn create_venv(venv: &Path) -> Result<()> {
+    eprintln!("setup: creating the Python venv {PYTHON_VENV}");
+    let attempt = || -> Result<std::process::Output> {
+        // A venv that no longer runs, or the rest of a failed attempt.
+        if venv.exists() {
+            fs::remove_dir_all(venv).with_context(|| format!("removing {}", venv.display()))?;
+        }
+        Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(venv)
+            .output()
+            .context("running python3 (setup expects it on PATH)")
+    };
+    let mut output = attempt()?;
+    let says = |output: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    if !output.status.success() && says(&output).contains("ensurepip") {
+        eprintln!("setup: python3 has no ensurepip: installing Debian's python3-venv");
+        install_debian_packages(&["python3-venv"])?;
+        output = attempt()?;
+    }
+    if !output.status.success() {
+        let _ = fs::remove_dir_all(venv);
+        bail!(
+            "`python3 -m venv {}` failed ({}): {}",
+            venv.display(),
+            output.status,
+            says(&output).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The hex SHA-256 of `path`'s contents (coreutils' `sha256sum`).
+fn sha256_of(path: &Path) -> Result<String> {
+    let out = stdout_of(Command::new("sha256sum").arg(path))
+        .with_context(|| format!("hashing {}", path.display()))?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .with_context(|| format!("`sha256sum {}` printed nothing", path.display()))
 }
 
 /// Fails with a message that says what needed root, instead of a confusing permission error
