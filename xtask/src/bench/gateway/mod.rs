@@ -64,11 +64,13 @@ const OPEN_LOOP_WARMUP: Duration = Duration::from_secs(1);
 /// nginx's throughput run when only latency is measured and no `--rate` is given.
 const CALIBRATION_SECS: u64 = 2;
 /// A generator lag p99 above this means the load CPU was too busy to keep to the schedule.
-const LAG_WARNING_US: f64 = 200.0;
+pub(super) const LAG_WARNING_US: f64 = 200.0;
 /// A CPU this busy is saturated.
 const SATURATED: f64 = 0.95;
+/// A leg whose answers came at less than this share of the fixed rate did not keep up.
+const KEPT_UP: f64 = 0.97;
 /// Other processes taking more than this share of the proxy CPU get a note.
-const FOREIGN_WARNING: f64 = 0.05;
+pub(super) const FOREIGN_WARNING: f64 = 0.05;
 /// Set on the optimized re-run of the benchmark, so that it never re-runs itself again.
 const OPTIMIZED_ENV: &str = "AIGUARD_BENCH_OPTIMIZED";
 
@@ -191,6 +193,9 @@ pub struct LatencySample {
     pub round: usize,
     pub leg: Leg,
     pub rate: f64,
+    /// Requests over the time from the first due time to the last answer: below the rate when
+    /// the leg did not keep up (and latency is then queueing).
+    pub achieved_rate: f64,
     /// Requests counted (the warm-up's are not).
     pub requests: usize,
     pub latency: open_loop::Percentiles,
@@ -561,7 +566,7 @@ impl Bench<'_> {
                             sample.proxy_cpu_busy * 100.0
                         ));
                     }
-                    note_foreign_work(notes, round, leg, "throughput", sample.proxy_cpu_foreign);
+                    warn_foreign_work(round, leg, "throughput", sample.proxy_cpu_foreign);
                     if leg == Leg::Nginx {
                         nginx_max = Some(sample.requests_per_sec);
                     }
@@ -590,14 +595,16 @@ impl Bench<'_> {
                         sample.lag.p99_us,
                         sample.generator_cpu_us_per_request
                     );
-                    note_foreign_work(notes, round, leg, "latency", sample.proxy_cpu_foreign);
-                    if sample.lag.p99_us > LAG_WARNING_US {
-                        notes.push(format!(
-                            "round {round}, {}: the generator's lag p99 was {:.0} us: the load CPU \
-                             was too busy to keep to the schedule",
+                    warn_foreign_work(round, leg, "latency", sample.proxy_cpu_foreign);
+                    if sample.achieved_rate < KEPT_UP * rate {
+                        let note = format!(
+                            "round {round}, {}: answered {:.0} requests/s of the {rate:.0} sent: \
+                             it did not keep up, and its latency is queueing",
                             leg.label(),
-                            sample.lag.p99_us
-                        ));
+                            sample.achieved_rate
+                        );
+                        eprintln!("bench gateway: warning: {note}");
+                        notes.push(note);
                     }
                     samples.latency.push(sample);
                 }
@@ -675,6 +682,7 @@ impl Bench<'_> {
             round,
             leg,
             rate,
+            achieved_rate: outcome.achieved_rate,
             requests,
             latency: open_loop::Percentiles::of(&mut outcome.latencies_ns)
                 .context("no request counted")?,
@@ -703,16 +711,16 @@ impl Bench<'_> {
     }
 }
 
-/// A note when something other than the proxy took a noticeable share of the proxy CPU.
-fn note_foreign_work(notes: &mut Vec<String>, round: usize, leg: Leg, part: &str, share: f64) {
-    if share > FOREIGN_WARNING {
-        let note = format!(
-            "round {round}, {part}, {}: other processes took {:.0}% of the proxy CPU",
+/// A warning when something other than the proxy took a noticeable share of the proxy CPU
+/// while a proxy was measured (the report sums these up).
+fn warn_foreign_work(round: usize, leg: Leg, part: &str, share: f64) {
+    if leg != Leg::Direct && share > FOREIGN_WARNING {
+        eprintln!(
+            "bench gateway: warning: round {round}, {part}, {}: other processes took {:.0}% of \
+             the proxy CPU",
             leg.label(),
             share * 100.0
         );
-        eprintln!("bench gateway: warning: {note}");
-        notes.push(note);
     }
 }
 

@@ -46,6 +46,8 @@ use super::chat;
 
 /// A request that takes longer than this fails the run.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Once every request has been dealt out, how long the answers may take to come in.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Between connecting and the first due time.
 const LEAD_IN: Duration = Duration::from_millis(20);
 
@@ -76,6 +78,9 @@ pub struct Outcome {
     pub other_status: u64,
     /// CPU time the generator's thread spent, connecting included.
     pub generator_cpu_secs: f64,
+    /// Requests over the time from the first due time to the last answer: the rate when the
+    /// server kept up, less when answers queued.
+    pub achieved_rate: f64,
 }
 
 /// Percentiles of one run, in microseconds.
@@ -208,27 +213,42 @@ async fn generate(plan: &Plan) -> Result<Outcome> {
 
     let mut outcome = Outcome::default();
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined.context("a connection task panicked")? {
-            Ok(tally) => {
-                outcome.latencies_ns.extend(tally.latencies_ns);
-                outcome.lags_ns.extend(tally.lags_ns);
-                outcome.sent += tally.sent;
-                outcome.ok += tally.ok;
-                outcome.rate_limited += tally.rate_limited;
-                outcome.other_status += tally.other_status;
-            }
-            Err(error) => {
-                first_error.get_or_insert(error);
+    let mut last_answer_ns = 0;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(joined) = tasks.join_next().await {
+            match joined.context("a connection task panicked")? {
+                Ok(tally) => {
+                    outcome.latencies_ns.extend(tally.latencies_ns);
+                    outcome.lags_ns.extend(tally.lags_ns);
+                    outcome.sent += tally.sent;
+                    outcome.ok += tally.ok;
+                    outcome.rate_limited += tally.rate_limited;
+                    outcome.other_status += tally.other_status;
+                    last_answer_ns = last_answer_ns.max(tally.last_answer_ns);
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
             }
         }
-    }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    drained
+        .map_err(|_| {
+            anyhow::anyhow!("requests still unanswered {DRAIN_TIMEOUT:?} after the last was due")
+        })
+        .and_then(|joined| joined)?;
     if let Some(error) = first_error {
         return Err(error);
     }
     if outcome.sent != total {
         bail!("sent {} of {total} requests", outcome.sent);
     }
+    // What the server kept up with: the schedule spans `total / rate`; answers that end well
+    // after it mean requests queued behind one another.
+    let span_ns = last_answer_ns.saturating_sub(start).max(1);
+    outcome.achieved_rate = total as f64 * 1e9 / span_ns as f64;
     Ok(outcome)
 }
 
@@ -249,6 +269,7 @@ struct Tally {
     ok: u64,
     rate_limited: u64,
     other_status: u64,
+    last_answer_ns: u64,
 }
 
 impl Lane {
@@ -289,6 +310,7 @@ impl Lane {
             // the rest (until it did go) the generator's.
             let could_send_ns = due.at_ns.max(previous_answer_ns);
             previous_answer_ns = answered_ns;
+            tally.last_answer_ns = answered_ns;
             if due.index >= self.counted_from {
                 let service = answered_ns.saturating_sub(sent_ns);
                 let held_up = could_send_ns.saturating_sub(due.at_ns);

@@ -7,8 +7,8 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::{
-    GatewayBenchArgs, LatencySample, Layout, Leg, NGINX_BURST, PER_MINUTE, Samples,
-    ThroughputSample, medians_by_leg, paired_median,
+    FOREIGN_WARNING, GatewayBenchArgs, LAG_WARNING_US, LatencySample, Layout, Leg, NGINX_BURST,
+    PER_MINUTE, Samples, ThroughputSample, medians_by_leg, paired_median,
 };
 
 /// aiguard's CPU per request at most this times nginx limit_req's.
@@ -101,6 +101,7 @@ impl Report {
             .filter_map(|[tool, flag]| first_line_of(Command::new(tool).arg(flag)))
             .collect();
         let mut notes = notes;
+        notes.extend(quality_notes(&samples));
         if !legs.contains(&Leg::Aiguard) {
             notes.push(
                 "no aiguard leg: keys made up in aiguard's shape, targets not evaluated".into(),
@@ -369,6 +370,52 @@ fn latency_rows(samples: &[LatencySample]) -> Vec<LatencyRow> {
         .collect()
 }
 
+/// What says how far to trust the run: other processes on the proxy CPU while a proxy was
+/// measured, and a generator that fell behind its schedule.
+fn quality_notes(samples: &Samples) -> Vec<String> {
+    let mut notes = Vec::new();
+    let foreign: Vec<f64> = samples
+        .throughput
+        .iter()
+        .filter(|s| s.leg != Leg::Direct)
+        .map(|s| s.proxy_cpu_foreign)
+        .chain(
+            samples
+                .latency
+                .iter()
+                .filter(|s| s.leg != Leg::Direct)
+                .map(|s| s.proxy_cpu_foreign),
+        )
+        .collect();
+    let busy = foreign
+        .iter()
+        .filter(|&&share| share > FOREIGN_WARNING)
+        .count();
+    if busy > 0 {
+        let worst = foreign.iter().copied().fold(0.0, f64::max);
+        notes.push(format!(
+            "the machine was not quiet: other processes took more than {:.0}% of the proxy CPU in \
+             {busy} of {} proxy windows (up to {:.0}%). Throughput then is not the proxy's own; \
+             CPU per request is less affected (it counts the proxy's own time), latency is.",
+            FOREIGN_WARNING * 100.0,
+            foreign.len(),
+            worst * 100.0
+        ));
+    }
+    let lags: Vec<f64> = samples.latency.iter().map(|s| s.lag.p99_us).collect();
+    let late = lags.iter().filter(|&&lag| lag > LAG_WARNING_US).count();
+    if late > 0 {
+        notes.push(format!(
+            "the fixed-rate generator's lag p99 exceeded {LAG_WARNING_US:.0} us in {late} of {} \
+             windows (up to {:.0} us): the load CPU was too busy to keep to the schedule. Its \
+             lag is left out of the latency, but requests then came in bunches.",
+            lags.len(),
+            lags.iter().copied().fold(0.0, f64::max)
+        ));
+    }
+    notes
+}
+
 fn ratios(samples: &Samples) -> Ratios {
     let pair = (Leg::Aiguard, Leg::Nginx);
     let divide = |ours: f64, theirs: f64| ours / theirs;
@@ -460,6 +507,7 @@ mod tests {
             round,
             leg,
             rate: 10_000.0,
+            achieved_rate: 10_000.0,
             requests: 1,
             latency: percentiles,
             lag: percentiles,
@@ -504,6 +552,35 @@ mod tests {
         assert_eq!(rows[0].leg, Leg::Direct);
         assert_eq!(rows[0].proxy_cpu_us_per_request, None);
         assert_eq!(rows[2].proxy_cpu_us_per_request, Some(50.0));
+    }
+
+    #[test]
+    fn notes_say_when_the_machine_was_busy() {
+        let mut busy = throughput(1, Leg::Nginx, 1.0, Some(1.0));
+        busy.proxy_cpu_foreign = 0.4;
+        let mut direct = throughput(1, Leg::Direct, 1.0, None);
+        direct.proxy_cpu_foreign = 1.0;
+        let samples = Samples {
+            throughput: vec![direct, busy, throughput(1, Leg::Aiguard, 1.0, Some(1.0))],
+            latency: vec![
+                latency(1, Leg::Direct, 100.0),
+                latency(1, Leg::Nginx, 500.0),
+            ],
+        };
+        let notes = quality_notes(&samples);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        // The direct leg does not use the proxy CPU: only the proxies' windows count.
+        assert!(
+            notes[0].contains("in 1 of 3 proxy windows (up to 40%)"),
+            "{}",
+            notes[0]
+        );
+        assert!(
+            notes[1].contains("in 1 of 2 windows (up to 500 us)"),
+            "{}",
+            notes[1]
+        );
+        assert!(quality_notes(&Samples::default()).is_empty());
     }
 
     #[test]
