@@ -41,6 +41,7 @@ fn decisions(c: &mut Criterion) {
         policy: &policy,
         model: None,
         tokens: 100,
+        min_tokens: 10,
         month: 24_323,
         month_left: Duration::from_secs(86_400),
     };
@@ -82,6 +83,7 @@ fn decisions(c: &mut Criterion) {
                 policy: &tight,
                 model: None,
                 tokens: 0,
+                min_tokens: 0,
                 month: 24_323,
                 month_left: Duration::from_secs(86_400),
             })
@@ -93,6 +95,7 @@ fn decisions(c: &mut Criterion) {
                 policy: &tight,
                 model: None,
                 tokens: 0,
+                min_tokens: 0,
                 month: 24_323,
                 month_left: Duration::from_secs(86_400),
             }));

@@ -29,6 +29,10 @@ const DAY_NS: u64 = 86_400_000_000_000;
 struct Gcra {
     /// When the bucket will be full again (ns on the limiter's clock); ≤ now means full.
     tat: u64,
+    /// The limit `tat` was charged under (0: never charged). When a reload changes the limit,
+    /// the units in use are kept and re-timed to the new limit, so that raising a limit takes
+    /// effect at once instead of after the old, slower refill.
+    limit: u64,
 }
 
 /// What a limit is at one moment, for the rate-limit headers.
@@ -55,10 +59,24 @@ impl Gcra {
         }
     }
 
+    /// The arrival time as if every unit in use had been charged under `limit`.
+    fn tat_for(&self, now: u64, limit: u64) -> u64 {
+        if self.limit == limit || self.limit == 0 || self.tat <= now {
+            return self.tat;
+        }
+        let in_use = u128::from(self.tat - now) * u128::from(self.limit) / u128::from(limit);
+        now.saturating_add(u64::try_from(in_use).unwrap_or(u64::MAX))
+    }
+
+    fn set(&mut self, tat: u64, limit: u64) {
+        self.tat = tat;
+        self.limit = limit;
+    }
+
     /// The new arrival time if `cost` is admitted now, or how long until it would be.
     fn try_take(&self, now: u64, cost: u64, limit: u64, period: u64) -> Result<u64, Duration> {
         let tat = self
-            .tat
+            .tat_for(now, limit)
             .max(now)
             .saturating_add(Self::weight(cost, limit, period));
         let ahead = tat - now;
@@ -71,6 +89,8 @@ impl Gcra {
 
     /// Gives back `cost` units (never filling beyond full).
     fn give_back(&mut self, now: u64, cost: u64, limit: u64, period: u64) {
+        let tat = self.tat_for(now, limit);
+        self.set(tat, limit);
         if self.tat > now {
             self.tat = self
                 .tat
@@ -81,6 +101,8 @@ impl Gcra {
 
     /// Charges `cost` more units unconditionally (a response that used more than reserved).
     fn charge(&mut self, now: u64, cost: u64, limit: u64, period: u64) {
+        let tat = self.tat_for(now, limit);
+        self.set(tat, limit);
         self.tat = self
             .tat
             .max(now)
@@ -88,7 +110,8 @@ impl Gcra {
     }
 
     fn state(&self, now: u64, limit: u64, period: u64) -> RateState {
-        let used_ns = self.tat.saturating_sub(now).min(period);
+        let tat = self.tat_for(now, limit);
+        let used_ns = tat.saturating_sub(now).min(period);
         let free_ns = period - used_ns;
         let remaining = match free_ns.checked_mul(limit) {
             Some(x) => x / period,
@@ -97,7 +120,7 @@ impl Gcra {
         RateState {
             limit,
             remaining,
-            reset: Duration::from_nanos(self.tat.saturating_sub(now)),
+            reset: Duration::from_nanos(tat.saturating_sub(now)),
         }
     }
 }
@@ -174,6 +197,10 @@ pub struct Demand<'a> {
     pub model: Option<(&'a str, &'a Limits)>,
     /// Tokens reserved: estimated prompt plus the most the completion may take.
     pub tokens: u64,
+    /// The least the request needs (its prompt): a monthly quota with less than this left
+    /// refuses it; with more, the request is admitted with what is left, and a stream that runs
+    /// out is ended.
+    pub min_tokens: u64,
     /// The calendar month (UTC) the request counts towards, as `YYYY*12 + month-1`.
     pub month: u32,
     /// Until that month ends.
@@ -262,6 +289,8 @@ pub struct Admission {
     model: Option<Box<str>>,
     limits: AdmittedLimits,
     reserved: u64,
+    /// What the monthly quota holds for this request (the reservation, or what was left).
+    quota_reserved: u64,
     monthly_limit: Option<u64>,
     quota: QuotaEnforcement,
     pub headers: RateHeaders,
@@ -369,16 +398,19 @@ impl Limiter {
                 });
             }
         }
+        let mut quota_reserved = d.tokens;
         if let Some(limit) = d.policy.monthly_tokens {
             let committed = s.month.used.saturating_add(s.month.reserved);
-            if committed.saturating_add(d.tokens) > limit {
+            let left = limit.saturating_sub(committed);
+            if left == 0 || left < d.min_tokens.max(1) {
                 return Err(Denial::Quota {
                     limit,
                     used: s.month.used,
-                    requested: d.tokens,
+                    requested: d.min_tokens.max(1),
                     resets_in: d.month_left,
                 });
             }
+            quota_reserved = d.tokens.min(left);
         }
         // Compute every new arrival time before changing any: all levels or none.
         let mut new_tats = [[None; 3]; 3];
@@ -423,14 +455,14 @@ impl Limiter {
         }
         let mut headers = RateHeaders::default();
         for ((_, limits, b), tats) in levels.iter_mut().flatten().zip(new_tats) {
-            if let Some(t) = tats[0] {
-                b.per_minute.tat = t;
+            if let (Some(t), Some(l)) = (tats[0], limits.requests_per_minute) {
+                b.per_minute.set(t, l);
             }
-            if let Some(t) = tats[1] {
-                b.per_day.tat = t;
+            if let (Some(t), Some(l)) = (tats[1], limits.requests_per_day) {
+                b.per_day.set(t, l);
             }
-            if let Some(t) = tats[2] {
-                b.tokens.tat = t;
+            if let (Some(t), Some(l)) = (tats[2], limits.tokens_per_minute) {
+                b.tokens.set(t, l);
             }
             b.in_flight += 1;
             if let Some(limit) = limits.requests_per_minute {
@@ -443,7 +475,7 @@ impl Limiter {
                 tighter(&mut headers.tokens, b.tokens.state(now, limit, MINUTE_NS));
             }
         }
-        s.month.reserved += d.tokens;
+        s.month.reserved += quota_reserved;
         drop(guard);
         Ok(Admission {
             state,
@@ -456,6 +488,7 @@ impl Limiter {
                 model: d.model.map(|(_, l)| l.clone()),
             },
             reserved: d.tokens,
+            quota_reserved,
             monthly_limit: d.policy.monthly_tokens,
             quota: d.policy.quota,
             headers,
@@ -520,11 +553,11 @@ impl Admission {
     /// A streaming response has used `tokens` so far (prompt + completion). Grows the
     /// reservation when it passes it; says when a hard monthly quota has none left to give.
     pub fn progress(&mut self, tokens: u64) -> Progress {
-        if tokens <= self.reserved {
+        if tokens <= self.quota_reserved {
             return Progress::Continue;
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let extra = tokens - self.reserved;
+        let extra = tokens - self.quota_reserved;
         if let Some(limit) = self.monthly_limit
             && self.quota == QuotaEnforcement::Hard
             && s.month.used + s.month.reserved + extra > limit
@@ -532,7 +565,7 @@ impl Admission {
             return Progress::QuotaExhausted { limit };
         }
         s.month.reserved += extra;
-        self.reserved = tokens;
+        self.quota_reserved = tokens;
         Progress::Continue
     }
 
@@ -554,7 +587,7 @@ impl Admission {
         // Counted in the month the state is in now: a request admitted just before midnight on
         // the last day settles into the new month, like its usage record.
         s.month.used += used;
-        s.month.reserved = s.month.reserved.saturating_sub(self.reserved);
+        s.month.reserved = s.month.reserved.saturating_sub(self.quota_reserved);
         let adjust = |limits: &Limits, b: &mut Buckets| {
             b.in_flight = b.in_flight.saturating_sub(1);
             if let Some(limit) = limits.tokens_per_minute {
@@ -607,6 +640,7 @@ mod tests {
             policy: p,
             model: None,
             tokens,
+            min_tokens: 0,
             month: 1,
             month_left: Duration::from_secs(3600),
         }
@@ -706,17 +740,41 @@ mod tests {
         let p = policy(Limits::default(), Limits::default(), Some(1000));
         l.preload_month("acme", 1, 500);
         let a = l.admit(&demand(&p, "k", 400)).expect("500 + 400 fits");
+        // 100 left: a request whose prompt alone needs 150 is refused...
+        let mut big = demand(&p, "k", 200);
+        big.min_tokens = 150;
+        assert!(matches!(l.admit(&big), Err(Denial::Quota { .. })));
+        // ...one that needs 50 is admitted with the 100 that are left.
+        big.min_tokens = 50;
+        let mut b = l.admit(&big).expect("admitted with what is left");
+        assert_eq!(l.month_usage("acme", 1), (500, 500));
+        assert_eq!(b.progress(100), Progress::Continue);
+        assert_eq!(b.progress(101), Progress::QuotaExhausted { limit: 1000 });
+        a.settle(300);
+        // a gave back 100: b may grow into it.
+        assert_eq!(b.progress(200), Progress::Continue);
+        b.settle(200);
+        assert_eq!(l.month_usage("acme", 1), (1000, 0));
         assert!(matches!(
-            l.admit(&demand(&p, "k", 200)),
+            l.admit(&demand(&p, "k", 1)),
             Err(Denial::Quota { .. })
         ));
-        a.settle(300);
-        assert_eq!(l.month_usage("acme", 1), (800, 0));
-        let mut b = l.admit(&demand(&p, "k", 100)).expect("800 + 100 fits");
-        assert_eq!(b.progress(150), Progress::Continue);
-        assert_eq!(b.progress(250), Progress::QuotaExhausted { limit: 1000 });
         // A new month starts from zero.
         assert_eq!(l.month_usage("acme", 2).0, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_limit_applies_at_once() {
+        let l = Limiter::with_tokio_clock();
+        let one = policy(rpm(1), Limits::default(), None);
+        assert!(l.admit(&demand(&one, "k", 0)).is_ok());
+        assert!(l.admit(&demand(&one, "k", 0)).is_err());
+        // Reloaded to 100/min: the one request in use is 1 of 100, not 1 of 1.
+        let hundred = policy(rpm(100), Limits::default(), None);
+        let admitted = (0..200)
+            .filter(|_| l.admit(&demand(&hundred, "k", 0)).is_ok())
+            .count();
+        assert_eq!(admitted, 99);
     }
 
     #[tokio::test(start_paused = true)]

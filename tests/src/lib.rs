@@ -5,8 +5,10 @@
 //! - [`packets`]: crafted Ethernet frames for BPF_PROG_TEST_RUN verdict tests;
 //! - [`netns`]: network namespaces and veth pairs that clean up on drop;
 //! - [`daemon`]: the real `aiguard` binary as a child process, and its CLI;
-//! - [`upstream`]: a fake OpenAI-compatible server for the gateway to proxy to.
+//! - [`upstream`]: a fake OpenAI-compatible server for the gateway to proxy to;
+//! - [`gateway`]: the gateway in the test's own process, and an HTTP client for it.
 pub mod daemon;
+pub mod gateway;
 pub mod netns;
 pub mod packets;
 pub mod upstream;

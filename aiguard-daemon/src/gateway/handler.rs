@@ -348,6 +348,7 @@ async fn proxy(
         policy: &tenant_policy,
         model: model_limits,
         tokens: inspected.reserve,
+        min_tokens: inspected.prompt_tokens,
         month: today.month_index(),
         month_left: today.month_left(),
     };

@@ -194,7 +194,8 @@ impl Metered {
                 let mut text = String::new();
                 generated_text(&v, &mut text);
                 if !text.is_empty() {
-                    self.streamed_tokens += self.settlement.tokenizer.count(&text);
+                    let chunk_tokens = self.settlement.tokenizer.count(&text);
+                    self.streamed_tokens += chunk_tokens;
                     if self.streamed_text.len() < MAX_JSON_PARSE {
                         self.streamed_text.push_str(&text);
                     }
@@ -202,6 +203,8 @@ impl Metered {
                         && let Progress::QuotaExhausted { limit } =
                             a.progress(self.settlement.prompt_estimate + self.streamed_tokens)
                     {
+                        // This chunk is not delivered, so not charged.
+                        self.streamed_tokens -= chunk_tokens;
                         passed.extend_from_slice(&answers::quota_event(limit));
                         go_on = false;
                         break;

@@ -1,0 +1,148 @@
+//! The gateway in the test's own process, on `127.0.0.1:0`, with its own store: the library's
+//! real listeners, limiter, key ring and ledger, without the XDP part (so these tests need no
+//! privilege), plus an HTTP client for it.
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use aiguard_daemon::{
+    config::Config,
+    gateway::{self, Gateway, Listeners},
+    keys::KeyRing,
+    store::Store,
+    tokens::Tokenizer,
+    usage::Ledger,
+};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tokio::{sync::watch, task::JoinHandle};
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gw: Arc<Gateway>,
+    pub keys: Arc<KeyRing>,
+    shutdown: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Starts the gateway with `config` (TOML); its listen address is replaced by
+    /// `127.0.0.1:0`.
+    pub async fn start(config: &str) -> Self {
+        let mut config = Config::from_toml(config, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config refused: {e}"));
+        config.gateway.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let keys = Arc::new(KeyRing::open(store.clone()).expect("key ring"));
+        let (ledger, _) = Ledger::open(store, &dir.path().join("journal")).expect("ledger");
+        let tokenizer = Tokenizer::load(config.gateway.tokenizer);
+        let gw = Arc::new(
+            Gateway::new(&config, keys.clone(), Arc::new(ledger), tokenizer).expect("gateway"),
+        );
+        let listeners = Listeners::bind(&config.gateway.listen)
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listeners.local_addrs()[0];
+        let (shutdown, rx) = watch::channel(false);
+        let task = tokio::spawn(gateway::serve(gw.clone(), listeners, rx));
+        Self {
+            addr,
+            gw,
+            keys,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Creates a key and returns its secret.
+    pub fn add_key(&self, tenant: &str, tier: &str) -> String {
+        self.keys.create(tenant, tier, 0).expect("create key").1
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting and waits for in-flight requests (bounded by the gateway's drain time).
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(40), t).await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// A pooled keep-alive HTTP/1.1 client.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(128)
+        .build_http()
+}
+
+/// A response with its whole body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `req` and reads the whole answer.
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Answer {
+    let resp: Response<_> = client.request(req).await.expect("request sent");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body read").to_bytes();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// A chat completion request with `key` and `body`, plus extra headers.
+pub fn chat_request(
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
+    let mut b = Request::post(url)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json");
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    b.body(Full::new(Bytes::from(
+        serde_json::to_vec(body).expect("json"),
+    )))
+    .expect("request")
+}
