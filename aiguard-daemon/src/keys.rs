@@ -32,7 +32,8 @@ pub struct KeyRecord {
     pub hint: String,
     pub created_ms: u64,
     pub revoked_ms: Option<u64>,
-    /// SHA-256 of the secret, hex.
+    /// SHA-256 of the secret, hex (left out of what the admin API lists).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
 }
 
