@@ -377,6 +377,41 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c = parse(include_str!("../../deploy/aiguard.toml")).expect("deploy/aiguard.toml");
+        assert!(c.gateway.is_enabled());
+        let t = c.tier_table();
+        assert_eq!(t.policy("acme", "paid").monthly_tokens, Some(200_000_000));
+        assert_eq!(t.price("paid", "other").completion_per_1k, 0.0015);
+    }
+
+    #[test]
+    fn gateway_errors_name_the_field() {
+        for (text, field) in [
+            (
+                "[tiers.free]\nrequests_per_minute = 0\n",
+                "tiers.free.requests_per_minute",
+            ),
+            (
+                "[gateway]\nlisten = [\"127.0.0.1:1\"]\nupstreams = [\"https://x\"]\n",
+                "gateway.upstreams",
+            ),
+            (
+                "[gateway]\ndefault_tier = \"gold\"\n",
+                "gateway.default_tier",
+            ),
+            ("[tenants.\"a b\"]\n", "tenants"),
+            (
+                "[prices.m]\nprompt_per_1k = -1.0\n",
+                "prices.\"m\".prompt_per_1k",
+            ),
+        ] {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(&format!("`{field}`")), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn empty_file_gives_documented_defaults() {
         let c = parse("").expect("empty config is valid");
         assert_eq!(c, Config::default());

@@ -146,11 +146,14 @@ fn print_quota(q: &QuotaReport) {
         (Some(limit), Some(rem)) => {
             println!("remaining: {rem:>14} tokens of {limit}");
             println!(
-                "resets in {} ({:?} quota)",
+                "resets in {} ({})",
                 humantime::format_duration(std::time::Duration::from_secs(
                     q.resets_in_secs / 60 * 60
                 )),
-                q.enforcement
+                match q.enforcement {
+                    crate::tiers::QuotaEnforcement::Hard => "hard quota: streams end at it",
+                    crate::tiers::QuotaEnforcement::Soft => "soft quota: checked at admission",
+                }
             );
         }
         _ => println!("no monthly quota"),
@@ -213,13 +216,13 @@ fn print_usage(month: &str, rows: &[UsageRow]) {
         return;
     }
     println!(
-        "{:<10} {:<16} {:<17} {:<20} {:>9} {:>12} {:>12} {:>10}",
+        "{:<10} {:<16} {:<17} {:<20} {:>9} {:>12} {:>12} {:>12}",
         "DAY", "TENANT", "KEY", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "COST"
     );
     let (mut req, mut p, mut c, mut cost) = (0, 0, 0, 0.0);
     for r in rows {
         println!(
-            "{:<10} {:<16} {:<17} {:<20} {:>9} {:>12} {:>12} {:>10.4}",
+            "{:<10} {:<16} {:<17} {:<20} {:>9} {:>12} {:>12} {:>12.6}",
             r.day,
             r.tenant,
             r.key,
@@ -235,7 +238,7 @@ fn print_usage(month: &str, rows: &[UsageRow]) {
         cost += r.cost;
     }
     println!(
-        "{:<10} {:<16} {:<17} {:<20} {:>9} {:>12} {:>12} {:>10.4}",
+        "{:<10} {:<16} {:<17} {:<20} {:>9} {:>12} {:>12} {:>12.6}",
         month, "total", "", "", req, p, c, cost
     );
 }
