@@ -740,3 +740,79 @@ async fn hostile_input_gets_clean_errors_and_others_are_unaffected() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_and_slow_bodies_get_clean_answers() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let g = TestGateway::start(
+        &config(&upstream, "[tiers.free]\nmonthly_tokens = 100000\n").replace(
+            "default_tier = \"free\"",
+            "default_tier = \"free\"\nupstream_response_timeout = \"500ms\"\nidle_timeout = \"1s\"",
+        ),
+    )
+    .await;
+    let key = g.add_key("acme", "free");
+    let c = client();
+    let url = g.url("/v1/chat/completions");
+
+    // No usage in a JSON answer: the gateway counts the message with its tokenizer.
+    let a = send(
+        &c,
+        chat_request(&url, &key, &hello(50), &[(up::NO_USAGE, "1")]),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(a.json().get("usage").is_none_or(|u| u.is_null()));
+    let (used, _) =
+        g.gw.limiter
+            .month_usage("acme", aiguard_daemon::usage::Today::now().month_index());
+    let tokenizer =
+        aiguard_daemon::tokens::Tokenizer::load(aiguard_daemon::tiers::TokenizerName::O200kBase);
+    assert_eq!(
+        used,
+        HELLO_PROMPT + tokenizer.count("w0 w1 w2 w3 w4 w5 w6 w7")
+    );
+
+    // Slower than the response timeout: 504, and the upstream error is an OpenAI error.
+    let slow = send(
+        &c,
+        chat_request(&url, &key, &hello(5), &[(up::DELAY_MS, "2000")]),
+    )
+    .await;
+    assert_eq!(slow.status, 504);
+    assert_eq!(slow.json()["error"]["code"], "upstream_timeout");
+
+    // The upstream's own errors pass through with their status, and charge no tokens.
+    let before =
+        g.gw.limiter
+            .month_usage("acme", aiguard_daemon::usage::Today::now().month_index())
+            .0;
+    let err = send(
+        &c,
+        chat_request(&url, &key, &hello(5), &[(up::STATUS, "503")]),
+    )
+    .await;
+    assert_eq!(err.status, 503);
+    let after =
+        g.gw.limiter
+            .month_usage("acme", aiguard_daemon::usage::Today::now().month_index())
+            .0;
+    assert_eq!(before, after);
+
+    // A body that stops arriving: 408 after the idle timeout.
+    let mut s = TcpStream::connect(g.addr).await.expect("connect");
+    s.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-length: 100\r\n\r\n{{\"model\"").as_bytes()).await.expect("write");
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // The upstream gone: 502 with Retry-After.
+    drop(upstream);
+    let gone = send(&c, chat_request(&url, &key, &hello(5), &[])).await;
+    assert_eq!(gone.status, 502, "{}", gone.text());
+    assert_eq!(gone.json()["error"]["code"], "upstream_unavailable");
+    assert_eq!(gone.header("retry-after"), Some("1"));
+}
