@@ -44,10 +44,19 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "nginx: the reverse proxy the gateway benchmark compares against",
     ),
     ("wrk", "wrk: HTTP load for the gateway benchmark"),
+    (
+        "redis-server",
+        "redis-server: the shared store (limits, quotas, bans) of the multi-daemon tests",
+    ),
+    (
+        "redis-tools",
+        "redis-cli (cluster forming, assertions on stored keys) and the server binary itself",
+    ),
 ];
 
 /// Debian's policy hook: while it exits 101, package scripts start no services (nginx's would
-/// otherwise take port 80 on the build machine).
+/// otherwise take port 80 on the build machine, redis-server's port 6379; the tests start their
+/// own redis-server on free ports).
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPFFS: &str = "/sys/fs/bpf";
