@@ -6,11 +6,13 @@
 //! - [`netns`]: network namespaces and veth pairs that clean up on drop;
 //! - [`daemon`]: the real `aiguard` binary as a child process, and its CLI;
 //! - [`upstream`]: a fake OpenAI-compatible server for the gateway to proxy to;
-//! - [`gateway`]: the gateway in the test's own process, and an HTTP client for it.
+//! - [`gateway`]: the gateway in the test's own process, and an HTTP client for it;
+//! - [`redis`]: a real `redis-server` (alone or as a cluster) for the shared-store tests.
 pub mod daemon;
 pub mod gateway;
 pub mod netns;
 pub mod packets;
+pub mod redis;
 pub mod upstream;
 
 use std::sync::atomic::{AtomicU32, Ordering};
