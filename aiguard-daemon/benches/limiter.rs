@@ -42,7 +42,7 @@ fn decisions(c: &mut Criterion) {
         model: None,
         tokens: 100,
         min_tokens: 10,
-        month: 24_323,
+        month: aiguard_daemon::usage::Today::now().month_index(),
         month_left: Duration::from_secs(86_400),
     };
     // Warm every tenant's state, as a running gateway has.
@@ -84,7 +84,7 @@ fn decisions(c: &mut Criterion) {
                 model: None,
                 tokens: 0,
                 min_tokens: 0,
-                month: 24_323,
+                month: aiguard_daemon::usage::Today::now().month_index(),
                 month_left: Duration::from_secs(86_400),
             })
             .expect("first");
@@ -96,7 +96,7 @@ fn decisions(c: &mut Criterion) {
                 model: None,
                 tokens: 0,
                 min_tokens: 0,
-                month: 24_323,
+                month: aiguard_daemon::usage::Today::now().month_index(),
                 month_left: Duration::from_secs(86_400),
             }));
             assert!(r.is_err());

@@ -475,7 +475,7 @@ impl Limiter {
                 tighter(&mut headers.tokens, b.tokens.state(now, limit, MINUTE_NS));
             }
         }
-        s.month.reserved += quota_reserved;
+        s.month.reserved = s.month.reserved.saturating_add(quota_reserved);
         drop(guard);
         Ok(Admission {
             state,
@@ -557,14 +557,19 @@ impl Admission {
             return Progress::Continue;
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.roll_month(crate::usage::Today::now().month_index());
         let extra = tokens - self.quota_reserved;
         if let Some(limit) = self.monthly_limit
             && self.quota == QuotaEnforcement::Hard
-            && s.month.used + s.month.reserved + extra > limit
+            && s.month
+                .used
+                .saturating_add(s.month.reserved)
+                .saturating_add(extra)
+                > limit
         {
             return Progress::QuotaExhausted { limit };
         }
-        s.month.reserved += extra;
+        s.month.reserved = s.month.reserved.saturating_add(extra);
         self.quota_reserved = tokens;
         Progress::Continue
     }
@@ -584,9 +589,10 @@ impl Admission {
         let now = self.now_ns();
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
-        // Counted in the month the state is in now: a request admitted just before midnight on
-        // the last day settles into the new month, like its usage record.
-        s.month.used += used;
+        // Counted in the month it is now: a request admitted just before midnight on the last
+        // day settles into the new month, like its usage record.
+        s.roll_month(crate::usage::Today::now().month_index());
+        s.month.used = s.month.used.saturating_add(used);
         s.month.reserved = s.month.reserved.saturating_sub(self.quota_reserved);
         let adjust = |limits: &Limits, b: &mut Buckets| {
             b.in_flight = b.in_flight.saturating_sub(1);
@@ -613,9 +619,9 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        // Not settled: the request was abandoned before any usage was known. Keep the whole
-        // reservation charged: the upstream may have done the work.
-        let reserved = self.reserved;
+        // Not settled: the request was abandoned before any usage was known. Keep what the
+        // quota held for it charged: the upstream may have done the work.
+        let reserved = self.reserved.min(self.quota_reserved);
         self.finish(reserved);
     }
 }
@@ -641,9 +647,14 @@ mod tests {
             model: None,
             tokens,
             min_tokens: 0,
-            month: 1,
+            month: this_month(),
             month_left: Duration::from_secs(3600),
         }
+    }
+
+    /// Settlements count into the month it is now, so tests admit in it too.
+    fn this_month() -> u32 {
+        crate::usage::Today::now().month_index()
     }
 
     fn rpm(n: u64) -> Limits {
@@ -738,7 +749,7 @@ mod tests {
     async fn monthly_quota_counts_reservations_and_settled_usage() {
         let l = Limiter::with_tokio_clock();
         let p = policy(Limits::default(), Limits::default(), Some(1000));
-        l.preload_month("acme", 1, 500);
+        l.preload_month("acme", this_month(), 500);
         let a = l.admit(&demand(&p, "k", 400)).expect("500 + 400 fits");
         // 100 left: a request whose prompt alone needs 150 is refused...
         let mut big = demand(&p, "k", 200);
@@ -747,20 +758,20 @@ mod tests {
         // ...one that needs 50 is admitted with the 100 that are left.
         big.min_tokens = 50;
         let mut b = l.admit(&big).expect("admitted with what is left");
-        assert_eq!(l.month_usage("acme", 1), (500, 500));
+        assert_eq!(l.month_usage("acme", this_month()), (500, 500));
         assert_eq!(b.progress(100), Progress::Continue);
         assert_eq!(b.progress(101), Progress::QuotaExhausted { limit: 1000 });
         a.settle(300);
         // a gave back 100: b may grow into it.
         assert_eq!(b.progress(200), Progress::Continue);
         b.settle(200);
-        assert_eq!(l.month_usage("acme", 1), (1000, 0));
+        assert_eq!(l.month_usage("acme", this_month()), (1000, 0));
         assert!(matches!(
             l.admit(&demand(&p, "k", 1)),
             Err(Denial::Quota { .. })
         ));
         // A new month starts from zero.
-        assert_eq!(l.month_usage("acme", 2).0, 0);
+        assert_eq!(l.month_usage("acme", this_month() + 1).0, 0);
     }
 
     #[tokio::test(start_paused = true)]

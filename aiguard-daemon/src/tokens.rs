@@ -100,6 +100,10 @@ impl Tokenizer {
     }
 }
 
+/// Most completion tokens one request may ask for: beyond any model's context, and small
+/// enough that reservations and counters never come near overflowing.
+pub const MAX_COMPLETION_TOKENS: u64 = 100_000_000;
+
 /// The most completion tokens a request allows, from whichever field its API uses.
 pub fn max_completion_tokens(body: &Value) -> Option<u64> {
     ["max_completion_tokens", "max_tokens", "max_output_tokens"]
