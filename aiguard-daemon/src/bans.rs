@@ -61,6 +61,9 @@ pub struct BanRecord {
     pub expires_ms: Option<u64>,
     /// Count matches, drop nothing.
     pub shadow: bool,
+    /// The node that made it, when bans are shared (see [`crate::shared::bans`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Arc<str>>,
 }
 
 /// An allowlist range: its sources are never dropped.
@@ -79,6 +82,8 @@ pub struct BanSpec {
     /// Accept a /0.
     pub force: bool,
     pub origin: Origin,
+    /// This node's name, when bans are shared.
+    pub node: Option<Arc<str>>,
 }
 
 /// A ban with its kernel hit count, for listing.
@@ -307,7 +312,61 @@ impl BanList {
         records.dedup_by_key(|r| r.range);
         self.check_capacity(&records)?;
         let validated = started.elapsed();
+        self.apply(dp, records, now, boot_now, started, validated)
+    }
 
+    /// Applies bans that came from another node through the shared store, as they were made
+    /// there (same expiry, reason and node). Ranges that overlap this node's allowlist are
+    /// left out (the allowlist wins) and so are bans already over; returns what was applied.
+    pub fn apply_replicated(
+        &mut self,
+        dp: &mut Dataplane,
+        mut records: Vec<BanRecord>,
+    ) -> Result<Vec<BanRecord>, BanError> {
+        let started = std::time::Instant::now();
+        let now = now_ms();
+        let boot_now = boot_ns_now();
+        records.retain(|r| {
+            if r.expires_ms.is_some_and(|e| e <= now) {
+                return false;
+            }
+            if let Err(e) = self.check_allowlist(r.range) {
+                warn!(range = %r.range, node = ?r.node, "replicated ban not applied here: {e}");
+                return false;
+            }
+            // Unchanged: nothing to do (and its hit count stays untouched).
+            self.bans.get(&r.range) != Some(r)
+        });
+        if records.is_empty() {
+            return Ok(records);
+        }
+        records.sort_by_key(|r| r.range);
+        records.dedup_by_key(|r| r.range);
+        self.check_capacity(&records)?;
+        let validated = started.elapsed();
+        self.apply(dp, records, now, boot_now, started, validated)
+    }
+
+    /// Every active ban's record.
+    pub fn records(&self) -> impl Iterator<Item = &BanRecord> {
+        self.bans.values()
+    }
+
+    /// The record of one banned range.
+    pub fn get(&self, range: &IpNetwork) -> Option<&BanRecord> {
+        self.bans.get(range)
+    }
+
+    /// Kernel, disk and index at once for validated records.
+    fn apply(
+        &mut self,
+        dp: &mut Dataplane,
+        records: Vec<BanRecord>,
+        now: u64,
+        boot_now: u64,
+        started: std::time::Instant,
+        validated: Duration,
+    ) -> Result<Vec<BanRecord>, BanError> {
         let mut entries = Vec::with_capacity(records.len());
         let mut replaced: Vec<(BanRecord, BanEntry)> = Vec::new();
         for rec in &records {
@@ -357,8 +416,8 @@ impl BanList {
                         .to_string()
                 },
             );
-            info!(range = %r.range, reason = %r.reason, origin = ?r.origin, shadow = r.shadow,
-                  %expires, "banned");
+            info!(range = %r.range, reason = %r.reason, origin = ?r.origin, node = ?r.node,
+                  shadow = r.shadow, %expires, "banned");
         } else {
             info!(
                 count = records.len(),
@@ -430,6 +489,7 @@ impl BanList {
             created_ms: now,
             expires_ms: spec.ttl.map(|t| now + t.as_millis() as u64),
             shadow: spec.shadow,
+            node: spec.node.clone(),
         })
     }
 
@@ -651,6 +711,7 @@ mod tests {
             created_ms: 1_000,
             expires_ms: Some(61_000),
             shadow: true,
+            node: None,
         };
         let e = kernel_entry(&rec, 1_000, 5_000_000_000);
         assert_eq!(e.expires_boot_ns, 5_000_000_000 + 60_000_000_000);

@@ -35,6 +35,7 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::shared::StoreSettings;
 use crate::tiers::{BUILTIN_TIER, GatewaySettings, Price, TenantSettings, TierSettings, TierTable};
 
 /// Why a configuration could not be used. The daemon refuses to start (or keeps its old
@@ -70,6 +71,7 @@ pub struct Config {
     pub tiers: BTreeMap<String, TierSettings>,
     pub tenants: BTreeMap<String, TenantSettings>,
     pub prices: BTreeMap<String, Price>,
+    pub store: StoreSettings,
 }
 
 /// Where the daemon keeps its socket, state and pins.
@@ -334,6 +336,7 @@ impl Config {
             return Err(invalid("daemon.admin_socket", "\"\"", "a path"));
         }
         self.gateway.validate()?;
+        self.store.validate()?;
         self.tier_table().validate()?;
         Ok(())
     }

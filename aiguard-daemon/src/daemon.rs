@@ -24,6 +24,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     gateway::{self, Gateway, Listeners},
     keys::KeyRing,
+    shared::Shared,
     store::{Store, StoreError},
     tokens::Tokenizer,
     usage::{Ledger, LedgerError},
@@ -44,6 +45,8 @@ pub struct Node {
     /// The gateway's bound addresses.
     pub gateway_listen: Vec<SocketAddr>,
     pub reload: Option<ConfigSource>,
+    /// The shared store, when `[store] backend = "redis"`.
+    pub shared: Option<Arc<Shared>>,
 }
 
 /// Re-reads the configuration and applies what can change while running: tiers, tenants,
@@ -100,6 +103,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error("{0}")]
     Listen(#[source] std::io::Error),
+    #[error("shared store: {0}")]
+    Shared(String),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -138,13 +143,28 @@ async fn serve(
         );
     }
     let ledger = Arc::new(ledger);
+    let shared = if config.store.is_shared() {
+        Some(
+            Shared::open(&config.store, store.clone())
+                .await
+                .map_err(StartError::Shared)?,
+        )
+    } else {
+        None
+    };
     let gateway = if config.gateway.is_enabled() {
         let name = config.gateway.tokenizer;
         // Loading the BPE tables takes about half a second: not on the first request.
         let tokenizer = tokio::task::spawn_blocking(move || Tokenizer::load(name))
             .await
             .expect("loading the tokenizer does not panic");
-        let gw = Gateway::new(&config, keys.clone(), ledger.clone(), tokenizer)?;
+        let gw = Gateway::new(
+            &config,
+            keys.clone(),
+            ledger.clone(),
+            tokenizer,
+            shared.clone(),
+        )?;
         let listeners = Listeners::bind(&config.gateway.listen)
             .await
             .map_err(StartError::Listen)?;
@@ -188,6 +208,9 @@ async fn serve(
         }
         None => (None, Vec::new(), None),
     };
+    let shared_task = shared
+        .clone()
+        .map(|s| tokio::spawn(s.maintain(shutdown_rx.clone())));
     let flusher = tokio::spawn(gateway::flush_usage(
         ledger.clone(),
         usage_every,
@@ -203,7 +226,15 @@ async fn serve(
         gateway,
         gateway_listen,
         reload: reload_source,
+        shared: shared.clone(),
     }));
+    let replication = shared.map(|s| {
+        tokio::spawn(crate::shared::bans::replicate(
+            s,
+            node.clone(),
+            shutdown_rx.clone(),
+        ))
+    });
 
     let sweeper = tokio::spawn(sweep_expired(
         node.clone(),
@@ -248,6 +279,12 @@ async fn serve(
         let _ = t.await;
     }
     let _ = flusher.await;
+    if let Some(t) = replication {
+        let _ = t.await;
+    }
+    if let Some(t) = shared_task {
+        let _ = t.await;
+    }
     let ledger = node
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -203,6 +203,43 @@ impl KeyRing {
         Ok(revoked)
     }
 
+    /// Takes in keys made or revoked on other nodes (through the shared store): new ids are
+    /// added, a revocation anywhere revokes here. Returns the records that changed here.
+    pub fn merge(&self, incoming: &[KeyRecord]) -> Result<Vec<KeyRecord>, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = self.list();
+        let mut changed = Vec::new();
+        for r in incoming {
+            if unhex(&r.sha256).is_none() || !crate::tiers::is_valid_name(&r.tenant) {
+                continue;
+            }
+            match records.iter_mut().find(|have| have.id == r.id) {
+                None => {
+                    records.push(r.clone());
+                    changed.push(r.clone());
+                }
+                Some(have) if have.revoked_ms.is_none() && r.revoked_ms.is_some() => {
+                    have.revoked_ms = r.revoked_ms;
+                    changed.push(have.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        if changed.is_empty() {
+            return Ok(changed);
+        }
+        let value = |r: &KeyRecord| serde_json::to_vec(r).expect("a key record serializes");
+        self.store.write(|txn| {
+            let mut t = txn.open_table(KEYS)?;
+            for r in &changed {
+                t.insert(r.id.as_str(), value(r).as_slice())?;
+            }
+            Ok(())
+        })?;
+        self.rebuild(records);
+        Ok(changed)
+    }
+
     /// Every key, oldest first.
     pub fn list(&self) -> Vec<KeyRecord> {
         let mut v = self

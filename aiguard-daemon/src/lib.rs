@@ -16,6 +16,7 @@
 //! - [`limits`]: in-memory limits (GCRA rates, concurrency, monthly quota) per tenant, key, model.
 //! - [`tokens`]: token estimates with a real tokenizer.
 //! - [`usage`]: the usage ledger (journal + store), per day, tenant, key and model.
+//! - [`shared`]: the shared store (Redis): limits, quotas and bans of many nodes as one.
 //! - [`gateway`]: the reverse proxy in front of the inference server.
 //! - [`cli`]: the `aiguard` command line.
 pub mod admin;
@@ -28,6 +29,7 @@ pub mod gateway;
 pub mod keys;
 pub mod limits;
 pub mod range;
+pub mod shared;
 pub mod store;
 pub mod tiers;
 pub mod tokens;

@@ -234,15 +234,29 @@ fn decode_range(key: &[u8]) -> Option<IpNetwork> {
 const NO_EXPIRY: u64 = u64::MAX;
 
 /// Value of a ban: flags (bit 0 shadow), origin, created ms, expiry ms (MAX = none), reason.
+/// Set in the origin byte when a node name (one length byte, then the name) precedes the
+/// reason; records written before shared stores existed do not have it.
+const HAS_NODE: u8 = 0x80;
+
 fn encode_ban(ban: &BanRecord, out: &mut Vec<u8>) {
     out.push(u8::from(ban.shadow));
-    out.push(match ban.origin {
+    let origin = match ban.origin {
         Origin::Cli => 0,
         Origin::Detector => 1,
         Origin::Replicated => 2,
+    };
+    let node = ban.node.as_deref().filter(|n| n.len() <= 255);
+    out.push(if node.is_some() {
+        origin | HAS_NODE
+    } else {
+        origin
     });
     out.extend_from_slice(&ban.created_ms.to_le_bytes());
     out.extend_from_slice(&ban.expires_ms.unwrap_or(NO_EXPIRY).to_le_bytes());
+    if let Some(n) = node {
+        out.push(n.len() as u8);
+        out.extend_from_slice(n.as_bytes());
+    }
     out.extend_from_slice(ban.reason.as_bytes());
 }
 
@@ -250,7 +264,7 @@ fn decode_ban(key: &[u8], v: &[u8]) -> Option<BanRecord> {
     if v.len() < 18 {
         return None;
     }
-    let origin = match v[1] {
+    let origin = match v[1] & !HAS_NODE {
         0 => Origin::Cli,
         1 => Origin::Detector,
         2 => Origin::Replicated,
@@ -258,9 +272,17 @@ fn decode_ban(key: &[u8], v: &[u8]) -> Option<BanRecord> {
     };
     let created_ms = u64::from_le_bytes(v[2..10].try_into().ok()?);
     let expires = u64::from_le_bytes(v[10..18].try_into().ok()?);
+    let (node, reason) = if v[1] & HAS_NODE != 0 {
+        let len = usize::from(*v.get(18)?);
+        let name = std::str::from_utf8(v.get(19..19 + len)?).ok()?;
+        (Some(Arc::from(name)), &v[19 + len..])
+    } else {
+        (None, &v[18..])
+    };
     Some(BanRecord {
         range: decode_range(key)?,
-        reason: Arc::from(std::str::from_utf8(&v[18..]).ok()?),
+        node,
+        reason: Arc::from(std::str::from_utf8(reason).ok()?),
         origin,
         created_ms,
         expires_ms: (expires != NO_EXPIRY).then_some(expires),
@@ -287,7 +309,24 @@ mod tests {
             created_ms: 1,
             expires_ms: Some(2),
             shadow: false,
+            node: None,
         }
+    }
+
+    #[test]
+    fn a_ban_keeps_the_node_that_made_it() {
+        let mut b = ban("198.51.100.0/24");
+        b.origin = Origin::Replicated;
+        b.node = Some(std::sync::Arc::from("node-b"));
+        let mut v = Vec::new();
+        encode_ban(&b, &mut v);
+        assert_eq!(decode_ban(&range_key(&b.range), &v), Some(b.clone()));
+        // Records from before node names decode as before.
+        b.node = None;
+        v.clear();
+        encode_ban(&b, &mut v);
+        assert_eq!(v[1], 2);
+        assert_eq!(decode_ban(&range_key(&b.range), &v), Some(b));
     }
 
     #[test]

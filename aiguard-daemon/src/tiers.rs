@@ -45,6 +45,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, invalid};
+use crate::shared::FailureMode;
 
 /// The tier used when no config file names one: every valid key gets it.
 pub const BUILTIN_TIER: &str = "default";
@@ -210,6 +211,8 @@ pub struct TierSettings {
     /// Limits per model (the request's `model`), for the tenant.
     pub models: BTreeMap<String, Limits>,
     pub prices: Option<Price>,
+    /// What requests get while the shared store cannot decide in time.
+    pub on_store_failure: FailureMode,
 }
 
 impl TierSettings {

@@ -166,6 +166,7 @@ fn restore_with_a_smaller_ban_table_says_so() {
             shadow: false,
             force: false,
             origin: Origin::Cli,
+            node: None,
         };
         let ranges: Vec<String> = (1..=3).map(|i| format!("198.51.100.{i}")).collect();
         bans.ban(&mut dp, &ranges, &spec).expect("three bans");

@@ -40,6 +40,7 @@ pub fn status(node: &Node) -> Option<GatewayStatus> {
         unauthorized: get(&c.unauthorized),
         bad_requests: get(&c.bad_requests),
         upstream_errors: get(&c.upstream_errors),
+        store_unavailable: get(&c.store_unavailable),
     })
 }
 
@@ -73,6 +74,9 @@ pub fn handle(node: &mut Node, request: Request) -> Reply {
             }
             match node.keys.create(&tenant, &tier, now_ms()) {
                 Ok((mut key, secret)) => {
+                    if let Some(s) = &node.shared {
+                        crate::shared::keys::announce_key(s, &key);
+                    }
                     key.sha256.clear();
                     Reply::KeyCreated { key, secret }
                 }
@@ -93,6 +97,9 @@ pub fn handle(node: &mut Node, request: Request) -> Reply {
         },
         Request::KeysRevoke { id } => match node.keys.revoke(&id, now_ms()) {
             Ok(mut key) => {
+                if let Some(s) = &node.shared {
+                    crate::shared::keys::announce_key(s, &key);
+                }
                 key.sha256.clear();
                 Reply::KeyRevoked { key }
             }
@@ -125,9 +132,25 @@ pub fn handle(node: &mut Node, request: Request) -> Reply {
                 .unwrap_or_else(|| tiers.default_tier.clone());
             let policy = tiers.policy(&tenant, &tier);
             let today = Today::now();
-            let (used, reserved) = match &node.gateway {
-                Some(gw) => gw.limiter.month_usage(&tenant, today.month_index()),
-                None => match node.ledger.monthly_totals(&today.month()) {
+            let shared_used = node.shared.as_ref().map(|s| {
+                // On the admin API's blocking thread: waiting here holds no runtime worker.
+                let pending = s.outbox.tenant(&tenant, &today.month()).max(0) as u64;
+                tokio::runtime::Handle::current()
+                    .block_on(s.month_used(&tenant, &today))
+                    .map(|used| used + pending)
+            });
+            let (used, reserved) = match (shared_used, &node.gateway) {
+                // Redis counts reservations in flight as used.
+                (Some(Ok(used)), _) => (used, 0),
+                (Some(Err(e)), _) => {
+                    return error(
+                        ErrorKind::Internal,
+                        format!("the shared store cannot say: {e}"),
+                        None,
+                    );
+                }
+                (None, Some(gw)) => gw.limiter.month_usage(&tenant, today.month_index()),
+                (None, None) => match node.ledger.monthly_totals(&today.month()) {
                     Ok(t) => (t.get(&tenant).copied().unwrap_or(0), 0),
                     Err(e) => return error(ErrorKind::Internal, e.to_string(), None),
                 },

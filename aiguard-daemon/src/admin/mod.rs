@@ -171,6 +171,9 @@ pub struct StatusReport {
     /// The request-path gateway, when it runs.
     #[serde(default)]
     pub gateway: Option<GatewayStatus>,
+    /// The shared store, when `[store] backend = "redis"`.
+    #[serde(default)]
+    pub shared: Option<crate::shared::SharedStatus>,
 }
 
 /// The gateway's addresses and counters.
@@ -187,6 +190,9 @@ pub struct GatewayStatus {
     pub unauthorized: u64,
     pub bad_requests: u64,
     pub upstream_errors: u64,
+    /// Refused with 503: the shared store could not decide and the tier fails closed.
+    #[serde(default)]
+    pub store_unavailable: u64,
 }
 
 /// `aiguard quota TENANT`.

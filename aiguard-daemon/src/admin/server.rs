@@ -249,6 +249,7 @@ pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
         bans,
         config,
         started,
+        shared,
         ..
     } = &mut *guard;
     match request {
@@ -268,20 +269,31 @@ pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
                 shadow,
                 force,
                 origin: Origin::Cli,
+                node: shared.as_ref().map(|s| s.node().clone()),
             };
             match bans.ban(dataplane, &ranges, &spec) {
-                Ok(mut bans) => Reply::Banned {
-                    count: bans.len(),
-                    bans: {
-                        bans.truncate(BANNED_ECHO_LIMIT);
-                        bans
-                    },
-                },
+                Ok(mut bans) => {
+                    if let Some(s) = shared {
+                        crate::shared::bans::announce_bans(s, &bans);
+                    }
+                    Reply::Banned {
+                        count: bans.len(),
+                        bans: {
+                            bans.truncate(BANNED_ECHO_LIMIT);
+                            bans
+                        },
+                    }
+                }
                 Err(e) => ban_error(e),
             }
         }
         Request::Unban { range } => match bans.unban(dataplane, &range) {
-            Ok(ban) => Reply::Unbanned { ban },
+            Ok(ban) => {
+                if let Some(s) = shared {
+                    crate::shared::bans::announce_unban(s, &[ban.range]);
+                }
+                Reply::Unbanned { ban }
+            }
             Err(e) => ban_error(e),
         },
         Request::Bans => match bans.list(dataplane) {
@@ -350,6 +362,7 @@ pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
                 bpffs_dir: config.daemon.bpffs_dir.display().to_string(),
                 state_dir: config.daemon.state_dir.display().to_string(),
                 gateway,
+                shared: shared.as_ref().map(|s| s.status()),
             }))
         }
         _ => error(

@@ -127,6 +127,13 @@ pub struct RunArgs {
     /// Gateway: inference server URL (repeatable, round robin); replaces gateway.upstreams.
     #[arg(long = "upstream", value_name = "URL")]
     pub upstreams: Vec<String>,
+    /// Shared store: a redis:// or rediss:// URL (repeatable: Cluster seeds); sets
+    /// store.backend = "redis" and replaces store.urls.
+    #[arg(long = "redis", value_name = "URL")]
+    pub redis: Vec<String>,
+    /// Shared store: this node's name in ban origins and leases (store.node_name).
+    #[arg(long = "node-name", value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 /// `aiguard ban`.
@@ -214,6 +221,13 @@ impl RunArgs {
         }
         if !self.upstreams.is_empty() {
             c.gateway.upstreams = self.upstreams.clone();
+        }
+        if !self.redis.is_empty() {
+            c.store.backend = crate::shared::Backend::Redis;
+            c.store.urls = self.redis.clone();
+        }
+        if let Some(n) = &self.node_name {
+            c.store.node_name = Some(n.clone());
         }
         c.validate()?;
         Ok(c)
@@ -460,8 +474,8 @@ fn print_bans(bans: &[BanView]) {
         return;
     }
     println!(
-        "{:<24} {:<6} {:<24} {:<8} {:<20} {:<36} {:>12}",
-        "RANGE", "MODE", "REASON", "ORIGIN", "CREATED", "EXPIRES", "HITS"
+        "{:<24} {:<6} {:<24} {:<11} {:<16} {:<20} {:<36} {:>12}",
+        "RANGE", "MODE", "REASON", "ORIGIN", "NODE", "CREATED", "EXPIRES", "HITS"
     );
     for b in bans {
         let r = &b.record;
@@ -474,11 +488,12 @@ fn print_bans(bans: &[BanView]) {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         println!(
-            "{:<24} {:<6} {:<24} {:<8} {:<20} {:<36} {:>12}",
+            "{:<24} {:<6} {:<24} {:<11} {:<16} {:<20} {:<36} {:>12}",
             r.range.to_string(),
             if r.shadow { "shadow" } else { "drop" },
             truncate(&r.reason, 24),
             origin,
+            truncate(r.node.as_deref().unwrap_or("-"), 16),
             fmt_time(r.created_ms),
             expires,
             b.hits
@@ -569,6 +584,29 @@ fn print_status(s: &StatusReport) {
             g.bad_requests,
             g.upstream_errors
         );
+    }
+    if let Some(sh) = &s.shared {
+        let state = if sh.up { "up" } else { "DOWN" };
+        let since = sh
+            .state_secs
+            .map(|s| {
+                format!(
+                    " for {}",
+                    humantime::format_duration(Duration::from_secs(s))
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "shared store: {} {state}{since}   node: {}   outages: {}   recoveries: {}",
+            sh.backend, sh.node, sh.outages, sh.recoveries
+        );
+        println!(
+            "  errors: {}   timeouts: {}   decisions without it: {}   tokens to write back: {}   bans replicated here: {}",
+            sh.errors, sh.timeouts, sh.fallbacks, sh.outbox_tokens, sh.bans_replicated
+        );
+        if let (false, Some(e)) = (sh.up, &sh.last_error) {
+            println!("  last error: {e}");
+        }
     }
     println!("pins: {}   state: {}", s.bpffs_dir, s.state_dir);
 }

@@ -121,6 +121,18 @@ fn retry_after(headers: &mut HeaderMap, d: Duration) {
 }
 
 /// The 429 (or 400 for a request that can never fit) for a refused request.
+/// The shared store could not decide and the tier fails closed.
+pub fn store_unavailable(retry: Duration) -> Response<Body> {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The rate-limit service is unavailable. Please retry shortly.",
+        "server_error",
+        Some("service_unavailable"),
+    );
+    retry_after(r.headers_mut(), retry);
+    r
+}
+
 pub fn denied(d: &Denial, rate: &RateHeaders) -> Response<Body> {
     let mut r = match d {
         Denial::Requests {

@@ -12,7 +12,9 @@ use tracing::{debug, warn};
 use super::{
     Gateway, Policy,
     answers::{self, Body},
-    client_addr, idle,
+    client_addr,
+    decide::Refusal,
+    idle,
     metered::{self, Metered, ResponseKind, Settlement},
 };
 use crate::{
@@ -83,6 +85,19 @@ fn api_of(method: &http::Method, path: &str) -> Api {
     if method != http::Method::POST {
         return Api::Other;
     }
+    // As the upstream's router will see it: percent-decoded, without doubled slashes.
+    let decoded = percent_decode(path).to_ascii_lowercase();
+    let mut path = decoded.as_str();
+    let collapsed;
+    if path.contains("//") {
+        let mut p = String::with_capacity(path.len());
+        for seg in path.split('/').filter(|s| !s.is_empty()) {
+            p.push('/');
+            p.push_str(seg);
+        }
+        collapsed = p;
+        path = &collapsed;
+    }
     let path = path.trim_end_matches('/');
     if path.ends_with("/chat/completions") {
         Api::Chat
@@ -91,6 +106,49 @@ fn api_of(method: &http::Method, path: &str) -> Api {
     } else if path.ends_with("/embeddings") {
         Api::Embeddings
     } else if path.ends_with("/responses") {
+        Api::Responses
+    } else {
+        Api::Other
+    }
+}
+
+/// `%XX` escapes decoded (bytes that do not form UTF-8 are kept escaped).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(h << 4 | l);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+}
+
+/// A POST to a path the gateway does not know, whose JSON body is shaped like an inference
+/// request (another API's route, or a route alias of the upstream's): metered as that shape.
+fn api_of_body(body: &[u8]) -> Api {
+    if body.first() != Some(&b'{') {
+        return Api::Other;
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Map<String, Value>>(body) else {
+        return Api::Other;
+    };
+    if v.contains_key("messages") {
+        Api::Chat
+    } else if v.contains_key("prompt") {
+        Api::Completions
+    } else if v.contains_key("input") && v.contains_key("model") {
         Api::Responses
     } else {
         Api::Other
@@ -186,7 +244,24 @@ async fn inspect(
     let mut json = json;
     let completion = match api {
         Api::Embeddings => 0,
-        _ => tokens::max_completion_tokens(&json).unwrap_or(policy.settings.default_max_tokens),
+        _ => {
+            let per_choice =
+                tokens::max_completion_tokens(&json).unwrap_or(policy.settings.default_max_tokens);
+            if per_choice > tokens::MAX_COMPLETION_TOKENS {
+                return Err(answers::bad_request(&format!(
+                    "max_tokens is {per_choice}; the most a request may ask for is {}.",
+                    tokens::MAX_COMPLETION_TOKENS
+                )));
+            }
+            // `n` (and `best_of`) choices each generate up to the limit.
+            let choices = ["n", "best_of"]
+                .iter()
+                .filter_map(|f| json.get(*f).and_then(Value::as_u64))
+                .max()
+                .unwrap_or(1)
+                .clamp(1, 128);
+            per_choice * choices
+        }
     };
     let wants_usage = json
         .pointer("/stream_options/include_usage")
@@ -294,6 +369,20 @@ async fn proxy(
     active: idle::ActiveGuard,
 ) -> Result<Response<Body>, Response<Body>> {
     let s = &policy.settings;
+    if matches!(req.method(), &http::Method::CONNECT | &http::Method::TRACE) {
+        gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        let mut r = answers::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{} is not served by this API.", req.method()),
+            "invalid_request_error",
+            Some("method_not_allowed"),
+        );
+        r.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        return Err(r);
+    }
     let client_ip = match s.client_address {
         ClientAddressSource::XForwardedFor => {
             client_addr::from_forwarded_for(&s.trusted_proxies, conn.peer.ip(), req.headers())
@@ -332,6 +421,10 @@ async fn proxy(
         .inspect_err(|_| {
             gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
         })?;
+    let api = match api {
+        Api::Other if parts.method == http::Method::POST => api_of_body(&body),
+        known => known,
+    };
     let inspected = inspect(gw, policy, api, body).await.inspect_err(|_| {
         gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
     })?;
@@ -352,16 +445,22 @@ async fn proxy(
         month: today.month_index(),
         month_left: today.month_left(),
     };
-    let admission = match gw.limiter.admit(&demand) {
+    let on_failure = tier.on_store_failure;
+    let admission = match gw.decider.admit(&gw.limiter, &demand, on_failure).await {
         Ok(a) => a,
-        Err(denial) => {
+        Err(Refusal::Denied(denial, rate)) => {
             let counter = match denial {
                 Denial::Quota { .. } => &gw.counters.quota_exceeded,
                 _ => &gw.counters.rate_limited,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            let rate = gw.limiter.peek(&key.tenant, &key.id, &tenant_policy);
             return Err(answers::denied(&denial, &rate));
+        }
+        Err(Refusal::StoreUnavailable { retry_after }) => {
+            gw.counters
+                .store_unavailable
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(answers::store_unavailable(retry_after));
         }
     };
     gw.counters.allowed.fetch_add(1, Ordering::Relaxed);
@@ -385,12 +484,26 @@ async fn proxy(
         headers.insert(header::AUTHORIZATION, v);
     }
     let peer_ip = client_addr::canonical(conn.peer.ip());
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if client_addr::is_trusted(&s.trusted_proxies, peer_ip) => {
-            format!("{prior}, {peer_ip}")
+    let forwarded = match s.client_address {
+        // Behind a PROXY-protocol balancer the client's own X-Forwarded-For is its word only.
+        ClientAddressSource::ProxyProtocol => client_ip.to_string(),
+        ClientAddressSource::XForwardedFor => {
+            let prior: Vec<&str> = headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            if !prior.is_empty() && client_addr::is_trusted(&s.trusted_proxies, peer_ip) {
+                format!("{}, {peer_ip}", prior.join(", "))
+            } else {
+                client_ip.to_string()
+            }
         }
-        _ => client_ip.to_string(),
     };
+    // Other spellings of the client address would contradict the one set here.
+    for n in ["forwarded", "x-real-ip", "x-forwarded-for", "expect"] {
+        headers.remove(n);
+    }
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         headers.insert("x-forwarded-for", v);
     }
@@ -455,7 +568,7 @@ async fn proxy(
 
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    answers::rate_headers(&mut parts.headers, &admission.headers);
+    answers::rate_headers(&mut parts.headers, &admission.headers());
     if parts.status.is_server_error() {
         gw.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -490,6 +603,33 @@ async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_is_read_as_the_upstream_router_reads_the_path() {
+        let post = http::Method::POST;
+        assert_eq!(api_of(&post, "/v1/chat/completions"), Api::Chat);
+        assert_eq!(api_of(&post, "/v1/chat/completion%73"), Api::Chat);
+        assert_eq!(api_of(&post, "/v1//chat/completions/"), Api::Chat);
+        assert_eq!(api_of(&post, "/V1/Chat/Completions"), Api::Chat);
+        assert_eq!(api_of(&post, "/v1/completions"), Api::Completions);
+        assert_eq!(api_of(&post, "/v1/responses"), Api::Responses);
+        assert_eq!(
+            api_of(&http::Method::GET, "/v1/chat/completions"),
+            Api::Other
+        );
+        // Unknown routes are metered by what the body looks like.
+        assert_eq!(api_of_body(br#"{"model":"m","messages":[]}"#), Api::Chat);
+        assert_eq!(
+            api_of_body(br#"{"model":"m","prompt":"hi"}"#),
+            Api::Completions
+        );
+        assert_eq!(
+            api_of_body(br#"{"model":"m","input":"hi"}"#),
+            Api::Responses
+        );
+        assert_eq!(api_of_body(b"[1]"), Api::Other);
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
 
     #[test]
     fn keys_are_read_from_the_three_headers() {

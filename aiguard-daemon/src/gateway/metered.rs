@@ -19,9 +19,10 @@ use hyper::body::Incoming;
 use serde_json::Value;
 use tracing::error;
 
+use super::decide::Ticket;
 use super::{answers, idle::ActiveGuard};
 use crate::{
-    limits::{Admission, Progress},
+    limits::Progress,
     tokens::Tokenizer,
     usage::{Counts, Ledger, Today, UsageRecord},
 };
@@ -58,7 +59,7 @@ pub struct Settlement {
 
 impl Settlement {
     /// Settles and records a request; `prompt` and `completion` are what it used.
-    fn settle(&self, admission: Admission, prompt: u64, completion: u64) {
+    fn settle(&self, admission: Ticket, prompt: u64, completion: u64) {
         admission.settle(prompt + completion);
         let record = UsageRecord {
             day: Today::now().day(),
@@ -77,14 +78,19 @@ impl Settlement {
     }
 
     /// The upstream could not be reached: the request counts, its tokens do not.
-    pub fn settle_without_response(&self, admission: Admission) {
+    pub fn settle_without_response(&self, admission: Ticket) {
         self.settle(admission, 0, 0);
     }
 }
 
 /// Usage as an OpenAI response reports it.
 fn usage_of(v: &Value) -> Option<(u64, u64)> {
-    let u = v.get("usage")?;
+    // Chat and completions: top-level `usage`; the Responses API's final event
+    // (`response.completed`): `response.usage`.
+    let u = v
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| v.pointer("/response/usage"))?;
     let prompt = u
         .get("prompt_tokens")
         .or_else(|| u.get("input_tokens"))
@@ -100,6 +106,14 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
 /// Text generated in a response or chunk: `choices[].message.content`, `choices[].delta.content`
 /// or `choices[].text`.
 fn generated_text(v: &Value, out: &mut String) {
+    // Responses API stream events: `response.output_text.delta` and the like carry `delta`.
+    if let Some(kind) = v.get("type").and_then(Value::as_str)
+        && kind.ends_with(".delta")
+        && let Some(t) = v.get("delta").and_then(Value::as_str)
+    {
+        out.push_str(t);
+        return;
+    }
     let Some(Value::Array(choices)) = v.get("choices") else {
         return;
     };
@@ -109,9 +123,20 @@ fn generated_text(v: &Value, out: &mut String) {
             "/delta/content",
             "/text",
             "/delta/reasoning_content",
+            "/delta/reasoning",
         ] {
             if let Some(t) = c.pointer(path).and_then(Value::as_str) {
                 out.push_str(t);
+            }
+        }
+        // Tool calls are generated tokens too.
+        for calls in ["/message/tool_calls", "/delta/tool_calls"] {
+            if let Some(Value::Array(calls)) = c.pointer(calls) {
+                for call in calls {
+                    if let Some(t) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                        out.push_str(t);
+                    }
+                }
             }
         }
     }
@@ -120,7 +145,7 @@ fn generated_text(v: &Value, out: &mut String) {
 pub struct Metered {
     inner: Incoming,
     kind: ResponseKind,
-    admission: Option<Admission>,
+    admission: Option<Ticket>,
     settlement: Settlement,
     _active: ActiveGuard,
     /// JSON: the body so far (up to [`MAX_JSON_PARSE`]).
@@ -132,7 +157,6 @@ pub struct Metered {
     usage: Option<(u64, u64)>,
     /// Tokens of the text streamed so far (for streams without usage and for the quota).
     streamed_tokens: u64,
-    streamed_text: String,
     ended: bool,
 }
 
@@ -144,7 +168,7 @@ impl Metered {
     pub fn new(
         inner: Incoming,
         kind: ResponseKind,
-        admission: Admission,
+        admission: Ticket,
         settlement: Settlement,
         active: ActiveGuard,
     ) -> Self {
@@ -160,7 +184,6 @@ impl Metered {
             out: VecDeque::new(),
             usage: None,
             streamed_tokens: 0,
-            streamed_text: String::new(),
             ended: false,
         }
     }
@@ -196,9 +219,6 @@ impl Metered {
                 if !text.is_empty() {
                     let chunk_tokens = self.settlement.tokenizer.count(&text);
                     self.streamed_tokens += chunk_tokens;
-                    if self.streamed_text.len() < MAX_JSON_PARSE {
-                        self.streamed_text.push_str(&text);
-                    }
                     if let Some(a) = &mut self.admission
                         && let Progress::QuotaExhausted { limit } =
                             a.progress(self.settlement.prompt_estimate + self.streamed_tokens)
@@ -268,6 +288,10 @@ fn event_end(buf: &[u8]) -> Option<usize> {
         if buf[i] == b'\n' && buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
             return Some(i + 3);
         }
+        // CR-only line endings (allowed by the SSE spec), not the CR of a CRLF.
+        if buf[i] == b'\r' && buf[i + 1] == b'\r' {
+            return Some(i + 2);
+        }
         i += 1;
     }
     None
@@ -277,7 +301,7 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 fn event_data(event: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(event).ok()?;
     let mut data: Option<String> = None;
-    for line in text.lines() {
+    for line in text.split(['\n', '\r']) {
         if let Some(d) = line.strip_prefix("data:") {
             let d = d.strip_prefix(' ').unwrap_or(d);
             match &mut data {
@@ -376,6 +400,26 @@ impl Drop for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_api_and_tool_calls_are_metered() {
+        let done = serde_json::json!({"type": "response.completed",
+            "response": {"usage": {"input_tokens": 12, "output_tokens": 30}}});
+        assert_eq!(usage_of(&done), Some((12, 30)));
+        let mut text = String::new();
+        generated_text(
+            &serde_json::json!({"type": "response.output_text.delta", "delta": "Hel"}),
+            &mut text,
+        );
+        generated_text(
+            &serde_json::json!({"choices": [{"delta": {"tool_calls": [
+                {"function": {"arguments": "{\"city\""}}]}}]}),
+            &mut text,
+        );
+        assert_eq!(text, "Hel{\"city\"");
+        assert_eq!(event_end(b"data: x\r\rdata: y"), Some(9));
+        assert_eq!(event_data(b"data: x\r\r").as_deref(), Some("x"));
+    }
 
     #[test]
     fn sse_events_are_split_on_blank_lines() {

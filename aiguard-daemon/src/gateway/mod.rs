@@ -6,11 +6,13 @@
 //! - [`handler`]: one request, from key to upstream and back;
 //! - [`metered`]: the response body on its way out: usage read from JSON or SSE, quota cut-off,
 //!   settlement;
+//! - [`decide`]: where limits are decided (memory, or the shared store and its fallback);
 //! - [`answers`]: OpenAI-style errors and rate-limit headers;
 //! - [`client_addr`]: the client's address behind trusted proxies (X-Forwarded-For, PROXY);
 //! - [`idle`]: the client connection's idle timeout.
 pub mod answers;
 pub mod client_addr;
+pub mod decide;
 mod handler;
 pub mod idle;
 mod metered;
@@ -82,6 +84,8 @@ pub struct Counters {
     pub unauthorized: AtomicU64,
     pub bad_requests: AtomicU64,
     pub upstream_errors: AtomicU64,
+    /// Refused because the shared store could not decide and the tier fails closed.
+    pub store_unavailable: AtomicU64,
     pub in_flight: AtomicU64,
 }
 
@@ -89,7 +93,9 @@ pub struct Counters {
 pub struct Gateway {
     policy: RwLock<Arc<Policy>>,
     pub keys: Arc<KeyRing>,
+    /// In-memory limits: all of them with the embedded store; the fallback with Redis.
     pub limiter: Limiter,
+    pub decider: decide::Decider,
     pub ledger: Arc<Ledger>,
     tokenizer: Tokenizer,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -104,6 +110,7 @@ impl Gateway {
         keys: Arc<KeyRing>,
         ledger: Arc<Ledger>,
         tokenizer: Tokenizer,
+        shared: Option<Arc<crate::shared::Shared>>,
     ) -> Result<Self, crate::usage::LedgerError> {
         let policy = Policy::from_config(config);
         let mut connector = HttpConnector::new();
@@ -117,14 +124,19 @@ impl Gateway {
             .pool_max_idle_per_host(1024)
             .build(connector);
         let limiter = Limiter::new();
-        let today = crate::usage::Today::now();
-        for (tenant, used) in ledger.monthly_totals(&today.month())? {
-            limiter.preload_month(&tenant, today.month_index(), used);
+        // With a shared store the monthly counters live in Redis; this node's own totals
+        // would only be its share.
+        if shared.is_none() {
+            let today = crate::usage::Today::now();
+            for (tenant, used) in ledger.monthly_totals(&today.month())? {
+                limiter.preload_month(&tenant, today.month_index(), used);
+            }
         }
         Ok(Self {
             policy: RwLock::new(Arc::new(policy)),
             keys,
             limiter,
+            decider: decide::Decider::new(shared),
             ledger,
             tokenizer,
             client,

@@ -1,0 +1,386 @@
+//! Decisions against the shared store: the same limits as [`crate::limits`] (GCRA rates,
+//! concurrency, the monthly quota, at the tenant, key and model levels), held in Redis and
+//! decided by one script call per request, so that every node's requests count against one
+//! set of buckets.
+//!
+//! Admission charges the monthly counter with the reservation at once (requests in flight on
+//! other nodes see it); settlement moves it by what was really used. A settlement Redis does
+//! not take is kept in the [`super::outbox`]; the concurrency leases it held expire on their
+//! own after `store.lease`.
+use std::{sync::Arc, time::Duration};
+
+use tracing::debug;
+
+use super::{Shared, StoreFailure};
+use crate::{
+    limits::{Demand, Denial, Level, Progress, RateHeaders, RateState},
+    tiers::{Limits, QuotaEnforcement},
+};
+
+/// A request admitted by the shared store.
+pub struct SharedAdmission {
+    shared: Arc<Shared>,
+    tenant: String,
+    month: String,
+    /// Bucket and lease keys per level, then the month counter (the scripts' KEYS).
+    keys: Vec<String>,
+    lease: String,
+    /// Per level: tokens per minute and max concurrent as admitted (0: none).
+    levels: Vec<(u64, u64)>,
+    reserved: u64,
+    /// What admission added to the monthly counter.
+    quota_reserved: u64,
+    /// What the quota had left after admission (None: no quota).
+    left_after: Option<u64>,
+    monthly_limit: Option<u64>,
+    /// The monthly counter after admission.
+    month_used: u64,
+    quota: QuotaEnforcement,
+    pub headers: RateHeaders,
+    settled: bool,
+}
+
+fn level_args(limits: &Limits) -> [u64; 4] {
+    [
+        limits.requests_per_minute.unwrap_or(0),
+        limits.requests_per_day.unwrap_or(0),
+        limits.tokens_per_minute.unwrap_or(0),
+        limits.max_concurrent.unwrap_or(0),
+    ]
+}
+
+/// `YYYY-MM` of a month index (`year*12 + month-1`).
+pub fn month_name(index: u32) -> String {
+    format!("{:04}-{:02}", index / 12, index % 12 + 1)
+}
+
+const LEVELS: [Level; 3] = [Level::Tenant, Level::Key, Level::Model];
+
+impl Shared {
+    /// Admits a request against every level in Redis, or refuses it (charging nothing), or
+    /// says that Redis could not decide within the budget.
+    pub async fn admit(
+        self: &Arc<Self>,
+        d: &Demand<'_>,
+    ) -> Result<Result<SharedAdmission, Denial>, StoreFailure> {
+        let month = month_name(d.month);
+        let mut keys = Vec::with_capacity(7);
+        let mut levels: Vec<(&Limits, String)> = vec![
+            (&d.policy.tenant, "t".to_owned()),
+            (&d.policy.per_key, format!("k:{}", d.key)),
+        ];
+        if let Some((model, limits)) = d.model {
+            levels.push((limits, format!("m:{model}")));
+        }
+        for (_, name) in &levels {
+            keys.push(self.tenant_key(d.tenant, &format!("b:{name}")));
+            keys.push(self.tenant_key(d.tenant, &format!("c:{name}")));
+        }
+        keys.push(self.month_key(d.tenant, &month));
+        let lease = self.lease_id();
+        keys.push(self.tenant_key(d.tenant, &format!("r:{lease}")));
+        let gone = super::month_gone_ms(&month).unwrap_or(0);
+        let lease_ms = self.settings().lease.as_millis() as u64;
+
+        let mut inv = self.scripts.admit.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        let levels_admitted: Vec<(u64, u64)> = levels
+            .iter()
+            .map(|(l, _)| {
+                (
+                    l.tokens_per_minute.unwrap_or(0),
+                    l.max_concurrent.unwrap_or(0),
+                )
+            })
+            .collect();
+        inv.arg(levels.len())
+            .arg(&lease)
+            .arg(lease_ms)
+            .arg(d.tokens)
+            .arg(d.min_tokens)
+            .arg(d.policy.monthly_tokens.unwrap_or(0))
+            .arg(gone);
+        for (limits, _) in &levels {
+            for a in level_args(limits) {
+                inv.arg(a);
+            }
+        }
+        let reply: Vec<i64> = match self
+            .run(
+                self.decision_budget(),
+                |c| async move { c.invoke(&inv).await },
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Sent, perhaps run (or to run, once a hung Redis resumes): cancel it, so a
+                // request the node refused or served without Redis is not charged there too.
+                if e != StoreFailure::Down {
+                    self.queue(SettleCall {
+                        tenant: d.tenant.to_owned(),
+                        month: month.clone(),
+                        keys,
+                        lease,
+                        levels: levels_admitted,
+                        reserved: d.tokens,
+                        used: 0,
+                        delta: 0,
+                        cancel: true,
+                        since: std::time::Instant::now(),
+                    });
+                }
+                return Err(e);
+            }
+        };
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        let level = |i: usize| LEVELS[(at(i) as usize).clamp(1, 3) - 1];
+        let us = |i: usize| Duration::from_micros(at(i));
+        let denial = match reply.first().copied() {
+            Some(0) => None,
+            Some(1) => Some(Denial::Concurrency {
+                level: level(1),
+                limit: at(2),
+            }),
+            Some(2) => Some(Denial::Quota {
+                limit: at(3),
+                used: at(1),
+                requested: at(2),
+                resets_in: d.month_left,
+            }),
+            Some(3) => Some(Denial::Requests {
+                level: level(1),
+                per: if at(2) == 2 { "day" } else { "minute" },
+                limit: at(3),
+                retry_after: us(4),
+            }),
+            Some(4) => Some(Denial::Tokens {
+                level: level(1),
+                limit: at(2),
+                requested: d.tokens,
+                retry_after: us(3),
+            }),
+            Some(5) => Some(Denial::TooLarge {
+                level: level(1),
+                limit: at(2),
+                requested: d.tokens,
+            }),
+            Some(6) => {
+                return Err(StoreFailure::Error(
+                    "the request was cancelled before Redis ran its admission".into(),
+                ));
+            }
+            other => {
+                return Err(StoreFailure::Error(format!(
+                    "the admission script answered {other:?}"
+                )));
+            }
+        };
+        if let Some(denial) = denial {
+            return Ok(Err(denial));
+        }
+        let state = |limit: i64, remaining: i64, reset_us: u64| {
+            (limit >= 0).then(|| RateState {
+                limit: limit as u64,
+                remaining: remaining.max(0) as u64,
+                reset: Duration::from_micros(reset_us),
+            })
+        };
+        let headers = RateHeaders {
+            requests: state(reply[3], reply[4], at(5)),
+            tokens: state(reply[6], reply[7], at(8)),
+        };
+        let month_used = at(2);
+        Ok(Ok(SharedAdmission {
+            shared: self.clone(),
+            tenant: d.tenant.to_owned(),
+            month,
+            keys,
+            lease,
+            levels: levels_admitted,
+            reserved: d.tokens,
+            quota_reserved: at(1),
+            left_after: d
+                .policy
+                .monthly_tokens
+                .map(|limit| limit.saturating_sub(month_used)),
+            monthly_limit: d.policy.monthly_tokens,
+            month_used,
+            quota: d.policy.quota,
+            headers,
+            settled: false,
+        }))
+    }
+}
+
+impl SharedAdmission {
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    pub fn quota_enforcement(&self) -> QuotaEnforcement {
+        self.quota
+    }
+
+    /// The tenant's monthly counter right after this admission.
+    pub fn month_used(&self) -> u64 {
+        self.month_used
+    }
+
+    /// A stream has used `tokens` so far. Past its reservation, it may go on into what the
+    /// quota had left at admission (other nodes' use since is seen at the next admission).
+    pub fn progress(&mut self, tokens: u64) -> Progress {
+        if tokens <= self.quota_reserved {
+            return Progress::Continue;
+        }
+        if let (Some(limit), Some(left)) = (self.monthly_limit, self.left_after)
+            && self.quota == QuotaEnforcement::Hard
+            && tokens - self.quota_reserved > left
+        {
+            return Progress::QuotaExhausted { limit };
+        }
+        Progress::Continue
+    }
+
+    /// Settles now and waits for Redis (for benchmarks and tests; the gateway settles in the
+    /// background). A settlement Redis does not take is queued for retry, as in the background.
+    pub async fn settle_and_wait(mut self, used: u64) -> Result<(), StoreFailure> {
+        self.settled = true;
+        let call = self.call(used);
+        let shared = self.shared.clone();
+        match shared.settle_call(&call).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                shared.queue(call);
+                Err(e)
+            }
+        }
+    }
+
+    fn call(&mut self, used: u64) -> SettleCall {
+        SettleCall {
+            tenant: std::mem::take(&mut self.tenant),
+            month: std::mem::take(&mut self.month),
+            keys: std::mem::take(&mut self.keys),
+            lease: std::mem::take(&mut self.lease),
+            levels: std::mem::take(&mut self.levels),
+            reserved: self.reserved,
+            used,
+            delta: used as i64 - self.quota_reserved as i64,
+            cancel: false,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Settles with the tokens really used, in the background: the response is not held
+    /// for it. What Redis does not take is retried, and after `store.lease` goes to the outbox.
+    pub fn settle(mut self, used: u64) {
+        self.finish(used);
+    }
+
+    fn finish(&mut self, used: u64) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let call = self.call(used);
+        let shared = self.shared.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            shared.queue(call);
+            return;
+        };
+        rt.spawn(async move {
+            if let Err(e) = shared.settle_call(&call).await {
+                debug!(error = %e, tenant = %call.tenant, "settlement queued for retry");
+                shared.queue(call);
+            }
+        });
+    }
+}
+
+/// A settlement (or the cancellation of an admission) to run in Redis; idempotent through the
+/// request's record, so it can be retried until Redis takes it.
+#[derive(Debug, Clone)]
+pub struct SettleCall {
+    tenant: String,
+    month: String,
+    keys: Vec<String>,
+    lease: String,
+    levels: Vec<(u64, u64)>,
+    reserved: u64,
+    used: u64,
+    delta: i64,
+    cancel: bool,
+    since: std::time::Instant,
+}
+
+impl Shared {
+    pub(super) async fn settle_call(&self, call: &SettleCall) -> Result<i64, StoreFailure> {
+        let gone = super::month_gone_ms(&call.month).unwrap_or(0);
+        let mut inv = self.scripts.settle.prepare_invoke();
+        for k in &call.keys {
+            inv.key(k);
+        }
+        inv.arg(call.levels.len())
+            .arg(&call.lease)
+            .arg(call.reserved)
+            .arg(call.used)
+            .arg(call.delta)
+            .arg(gone)
+            .arg(if call.cancel { "cancel" } else { "settle" })
+            .arg(self.settings().lease.as_millis() as u64);
+        for (tpm, maxc) in &call.levels {
+            inv.arg(*tpm).arg(*maxc);
+        }
+        self.run(self.background_budget(), |c| async move {
+            c.invoke::<i64>(&inv).await
+        })
+        .await
+    }
+
+    fn queue(&self, call: SettleCall) {
+        self.retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(call);
+    }
+
+    /// Runs the queued settlements and cancellations. One that Redis could not take for
+    /// longer than a request's record lives is given up: its usage goes to the outbox instead
+    /// (the record is gone, so Redis cannot have counted it twice).
+    pub(super) async fn run_retries(&self) {
+        let calls = std::mem::take(&mut *self.retries.lock().unwrap_or_else(|p| p.into_inner()));
+        let lease = self.settings().lease;
+        let mut left = Vec::new();
+        for call in calls {
+            if call.since.elapsed() >= lease {
+                if !call.cancel {
+                    self.outbox.add(&call.tenant, &call.month, call.delta);
+                }
+                continue;
+            }
+            if self.settle_call(&call).await.is_err() {
+                left.push(call);
+            }
+        }
+        self.retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(left);
+    }
+
+    pub fn retries_pending(&self) -> usize {
+        self.retries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for SharedAdmission {
+    fn drop(&mut self) {
+        // Abandoned before any usage was known: the whole reservation stays charged, as in
+        // the in-memory limiter.
+        let reserved = self.reserved;
+        self.finish(reserved);
+    }
+}
