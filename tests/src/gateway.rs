@@ -7,6 +7,7 @@ use aiguard_daemon::{
     config::Config,
     gateway::{self, Gateway, Listeners},
     keys::KeyRing,
+    shared::Shared,
     store::Store,
     tokens::Tokenizer,
     usage::Ledger,
@@ -24,8 +25,11 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     pub gw: Arc<Gateway>,
     pub keys: Arc<KeyRing>,
+    /// The shared store, when the config's `[store]` asks for Redis.
+    pub shared: Option<Arc<Shared>>,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    maintain: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -39,25 +43,50 @@ impl TestGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         let keys = Arc::new(KeyRing::open(store.clone()).expect("key ring"));
-        let (ledger, _) = Ledger::open(store, &dir.path().join("journal")).expect("ledger");
+        let (ledger, _) = Ledger::open(store.clone(), &dir.path().join("journal")).expect("ledger");
         let tokenizer = Tokenizer::load(config.gateway.tokenizer);
+        let shared = if config.store.is_shared() {
+            Some(
+                Shared::open(&config.store, store)
+                    .await
+                    .unwrap_or_else(|e| panic!("shared store: {e}")),
+            )
+        } else {
+            None
+        };
         let gw = Arc::new(
-            Gateway::new(&config, keys.clone(), Arc::new(ledger), tokenizer).expect("gateway"),
+            Gateway::new(
+                &config,
+                keys.clone(),
+                Arc::new(ledger),
+                tokenizer,
+                shared.clone(),
+            )
+            .expect("gateway"),
         );
         let listeners = Listeners::bind(&config.gateway.listen)
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listeners.local_addrs()[0];
         let (shutdown, rx) = watch::channel(false);
+        let maintain = shared.clone().map(|s| tokio::spawn(s.maintain(rx.clone())));
         let task = tokio::spawn(gateway::serve(gw.clone(), listeners, rx));
         Self {
             addr,
             gw,
             keys,
+            shared,
             shutdown,
             task: Some(task),
+            maintain,
             _dir: dir,
         }
+    }
+
+    /// Makes the keys of `other` valid here too (as the shared store's key replication does
+    /// between daemons).
+    pub fn import_keys(&self, other: &TestGateway) {
+        self.keys.merge(&other.keys.list()).expect("merge keys");
     }
 
     /// Creates a key and returns its secret.
@@ -74,6 +103,9 @@ impl TestGateway {
         let _ = self.shutdown.send(true);
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(40), t).await;
+        }
+        if let Some(t) = self.maintain.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
     }
 }
