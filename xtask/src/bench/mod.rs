@@ -16,6 +16,9 @@
 //! `limit_req`: throughput, CPU per request, and latency at a fixed rate
 //! (`target/bench/gateway.json`).
 //!
+//! `cargo xtask bench redis` ([`redis`]) measures decisions against the shared store (Redis)
+//! beside the in-memory store (`target/bench/redis.json`).
+//!
 //! The XDP benchmark's traffic stays inside network namespaces it creates (and deletes, see
 //! [`netns`]), the gateway benchmark's on loopback; every loop is bounded in count and time.
 
@@ -27,6 +30,7 @@ mod netns;
 mod object;
 mod prefixes;
 mod prog_cost;
+mod redis;
 mod report;
 mod sender;
 mod veth;
@@ -55,6 +59,9 @@ pub enum BenchTarget {
     /// The gateway: requests/s, CPU per request and latency at a fixed rate through aiguard,
     /// against nginx with limit_req and the upstream directly. The aiguard leg needs root.
     Gateway(gateway::GatewayBenchArgs),
+    /// The shared store: decisions/s per node against one Redis, with and without
+    /// pipelining, and the latency a decision adds, beside the in-memory store.
+    Redis(redis::RedisBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -108,6 +115,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchTarget::Xdp(args) => xdp(args),
         BenchTarget::Gateway(args) => gateway::run(args),
+        BenchTarget::Redis(args) => redis::run(args),
     }
 }
 

@@ -32,7 +32,7 @@ mod aiguard;
 mod chat;
 mod nginx;
 mod open_loop;
-mod process;
+pub(super) mod process;
 mod report;
 mod wrk;
 
