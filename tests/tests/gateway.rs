@@ -745,7 +745,11 @@ async fn hostile_input_gets_clean_errors_and_others_are_unaffected() {
 async fn upstream_failures_and_slow_bodies_get_clean_answers() {
     let upstream = Upstream::start(UpstreamOptions::default());
     let g = TestGateway::start(
-        &config(&upstream, "[tiers.free]\nmonthly_tokens = 100000\n").replace(
+        &config(
+            &upstream,
+            "[tiers.free]\nmonthly_tokens = 100000\nrequests_per_minute = 1000\ntokens_per_minute = 100000\n",
+        )
+        .replace(
             "default_tier = \"free\"",
             "default_tier = \"free\"\nupstream_response_timeout = \"500ms\"\nidle_timeout = \"1s\"",
         ),
@@ -781,6 +785,27 @@ async fn upstream_failures_and_slow_bodies_get_clean_answers() {
     .await;
     assert_eq!(slow.status, 504);
     assert_eq!(slow.json()["error"]["code"], "upstream_timeout");
+    // Answers the gateway makes itself carry the limits too, once the key is known.
+    let rate_headers_of = |a: &aiguard_tests::gateway::Answer| {
+        (
+            a.header("x-ratelimit-limit-requests").map(str::to_owned),
+            a.header("x-ratelimit-limit-tokens").map(str::to_owned),
+            a.header("x-ratelimit-remaining-requests").is_some(),
+        )
+    };
+    let expected = (Some("1000".to_owned()), Some("100000".to_owned()), true);
+    assert_eq!(rate_headers_of(&slow), expected);
+    let invalid = send(
+        &c,
+        Request::post(&url)
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{\"model\": ")))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(invalid.status, 400);
+    assert_eq!(rate_headers_of(&invalid), expected);
 
     // The upstream's own errors pass through with their status, and charge no tokens.
     let before =
@@ -807,6 +832,7 @@ async fn upstream_failures_and_slow_bodies_get_clean_answers() {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(out.contains("x-ratelimit-limit-requests: 1000"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(3));
 
     // The upstream gone: 502 with Retry-After.
@@ -815,4 +841,5 @@ async fn upstream_failures_and_slow_bodies_get_clean_answers() {
     assert_eq!(gone.status, 502, "{}", gone.text());
     assert_eq!(gone.json()["error"]["code"], "upstream_unavailable");
     assert_eq!(gone.header("retry-after"), Some("1"));
+    assert_eq!(rate_headers_of(&gone), expected);
 }

@@ -413,21 +413,27 @@ async fn proxy(
         },
     };
     let tenant_policy = policy.tiers.policy(&key.tenant, &key.tier);
+    // A request refused before admission still tells the client where its limits stand, as
+    // OpenAI's answers do (in memory only: with a shared store that takes a round trip).
+    let refused = |mut r: Response<Body>| {
+        gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        if gw.decider.shared().is_none() {
+            let rate = gw.limiter.peek(&key.tenant, &key.id, &tenant_policy);
+            answers::rate_headers(r.headers_mut(), &rate);
+        }
+        r
+    };
 
     let (parts, body) = req.into_parts();
     let api = api_of(&parts.method, parts.uri.path());
     let body = read_body(policy, &parts.headers, body)
         .await
-        .inspect_err(|_| {
-            gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-        })?;
+        .map_err(refused)?;
     let api = match api {
         Api::Other if parts.method == http::Method::POST => api_of_body(&body),
         known => known,
     };
-    let inspected = inspect(gw, policy, api, body).await.inspect_err(|_| {
-        gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-    })?;
+    let inspected = inspect(gw, policy, api, body).await.map_err(refused)?;
 
     let tier = policy.tiers.tier(&key.tier);
     let model_limits = inspected
@@ -538,6 +544,7 @@ async fn proxy(
         Ok(Err(e)) => {
             gw.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "upstream request failed");
+            let rate = admission.headers();
             settlement.settle_without_response(admission);
             let mut r = answers::error(
                 StatusCode::BAD_GATEWAY,
@@ -547,14 +554,16 @@ async fn proxy(
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            answers::rate_headers(r.headers_mut(), &rate);
             return Err(r);
         }
         Err(_) => {
             gw.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
             warn!(timeout = ?s.upstream_response_timeout, "upstream did not answer in time");
             // The upstream may have worked on it: the reservation stays charged.
+            let rate = admission.headers();
             drop(admission);
-            return Err(answers::error(
+            let mut r = answers::error(
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!(
                     "The inference server did not answer within {}.",
@@ -562,7 +571,9 @@ async fn proxy(
                 ),
                 "server_error",
                 Some("upstream_timeout"),
-            ));
+            );
+            answers::rate_headers(r.headers_mut(), &rate);
+            return Err(r);
         }
     };
 
