@@ -498,13 +498,28 @@ impl Limiter {
 
     /// The current requests/tokens state of a key, without taking anything (for headers on
     /// answers that were refused before admission).
-    pub fn peek(&self, tenant: &str, key: &str, policy: &TenantPolicy) -> RateHeaders {
+    pub fn peek(
+        &self,
+        tenant: &str,
+        key: &str,
+        policy: &TenantPolicy,
+        model: Option<(&str, &Limits)>,
+    ) -> RateHeaders {
         let now = self.now_ns();
         let state = self.tenant(tenant);
         let s = state.lock().unwrap_or_else(|p| p.into_inner());
         let mut headers = RateHeaders::default();
         let key_b = s.keys.get(key).cloned().unwrap_or_default();
-        for (limits, b) in [(&policy.tenant, &s.tenant), (&policy.per_key, &key_b)] {
+        let unlimited = Limits::default();
+        let (model_limits, model_b) = match model {
+            Some((m, limits)) => (limits, s.models.get(m).cloned().unwrap_or_default()),
+            None => (&unlimited, Buckets::default()),
+        };
+        for (limits, b) in [
+            (&policy.tenant, &s.tenant),
+            (&policy.per_key, &key_b),
+            (model_limits, &model_b),
+        ] {
             if let Some(limit) = limits.requests_per_minute {
                 tighter(
                     &mut headers.requests,

@@ -138,7 +138,7 @@ impl Decider {
             return match local.admit(d) {
                 Ok(a) => Ok(Ticket::Local(a)),
                 Err(denial) => {
-                    let rate = local.peek(d.tenant, d.key, d.policy);
+                    let rate = local.peek(d.tenant, d.key, d.policy, d.model);
                     Err(Refusal::Denied(denial, rate))
                 }
             };
@@ -178,7 +178,7 @@ impl Decider {
                 match local.admit(&demand) {
                     Ok(a) => Some(a),
                     Err(denial) => {
-                        let rate = local.peek(d.tenant, d.key, &policy);
+                        let rate = local.peek(d.tenant, d.key, &policy, d.model);
                         return Err(Refusal::Denied(denial, rate));
                     }
                 }

@@ -418,7 +418,7 @@ async fn proxy(
     let refused = |mut r: Response<Body>| {
         gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
         if gw.decider.shared().is_none() {
-            let rate = gw.limiter.peek(&key.tenant, &key.id, &tenant_policy);
+            let rate = gw.limiter.peek(&key.tenant, &key.id, &tenant_policy, None);
             answers::rate_headers(r.headers_mut(), &rate);
         }
         r
