@@ -116,6 +116,8 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// TCP connections accepted, for tests of the gateway's connection pool.
+    connections: AtomicUsize,
     next_id: AtomicU64,
 }
 
@@ -126,6 +128,7 @@ impl Shared {
             requests: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
         })
     }
@@ -209,6 +212,11 @@ impl Upstream {
     pub fn max_in_flight(&self) -> usize {
         self.shared.max_in_flight.load(Ordering::SeqCst)
     }
+
+    /// TCP connections accepted so far (a client that reuses its connections opens few).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Upstream {
@@ -247,6 +255,7 @@ async fn run(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<O
                 }
             },
         };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
         // Streamed events go out one by one, not held back by Nagle.
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
