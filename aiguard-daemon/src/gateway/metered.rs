@@ -103,6 +103,25 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
     Some((prompt, completion))
 }
 
+/// The `usage` of a JSON response, read without building the whole document (the common
+/// case, and the hot path: every other field is skipped unparsed).
+fn reported_usage(body: &[u8]) -> Option<(u64, u64)> {
+    #[derive(serde::Deserialize)]
+    struct Reported {
+        prompt_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        usage: Option<Reported>,
+    }
+    let u = serde_json::from_slice::<Reply>(body).ok()?.usage?;
+    let prompt = u.prompt_tokens.or(u.input_tokens)?;
+    Some((prompt, u.completion_tokens.or(u.output_tokens).unwrap_or(0)))
+}
+
 /// Text generated in a response or chunk: `choices[].message.content`, `choices[].delta.content`
 /// or `choices[].text`.
 fn generated_text(v: &Value, out: &mut String) {
@@ -261,6 +280,12 @@ impl Metered {
                 .usage
                 .unwrap_or((s.prompt_estimate, self.streamed_tokens)),
             ResponseKind::Json => {
+                if !self.json_overflow
+                    && let Some(usage) = reported_usage(&self.json)
+                {
+                    s.settle(admission, usage.0, usage.1);
+                    return;
+                }
                 let parsed = (!self.json_overflow)
                     .then(|| serde_json::from_slice::<Value>(&self.json).ok())
                     .flatten();
@@ -440,5 +465,15 @@ mod tests {
         let resp = serde_json::json!({"usage": {"input_tokens": 4, "output_tokens": 6}});
         assert_eq!(usage_of(&resp), Some((4, 6)));
         assert_eq!(usage_of(&serde_json::json!({"usage": null})), None);
+        // The fast path reads the same numbers, and leaves anything else to the full parse.
+        let reply = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+        assert_eq!(reported_usage(reply), Some((9, 2)));
+        assert_eq!(
+            reported_usage(br#"{"usage":{"input_tokens":4,"output_tokens":6}}"#),
+            Some((4, 6))
+        );
+        assert_eq!(reported_usage(br#"{"usage":null}"#), None);
+        assert_eq!(reported_usage(br#"{"usage":{"prompt_tokens":1.5}}"#), None);
+        assert_eq!(reported_usage(b"not json"), None);
     }
 }
