@@ -66,17 +66,25 @@ impl<T> IdleTimeout<T> {
     }
 
     /// Called when an operation is pending: fails once the connection has been idle too long.
+    ///
+    /// The timer is moved lazily: it keeps an early deadline and, when that passes, is re-armed
+    /// from the last progress. A busy keep-alive connection then touches the timer wheel once
+    /// per idle period rather than once per request.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let deadline = self.last_progress + self.limit;
-        if self.timer.deadline() != deadline {
-            self.timer.as_mut().reset(deadline);
-        }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("client connection idle for {:?}", self.limit),
-            )),
-            Poll::Pending => Poll::Pending,
+        loop {
+            match self.timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    let deadline = self.last_progress + self.limit;
+                    if deadline <= Instant::now() {
+                        return Poll::Ready(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("client connection idle for {:?}", self.limit),
+                        ));
+                    }
+                    self.timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 }
