@@ -1,7 +1,9 @@
 //! Several real daemons sharing one `redis-server`: a ban made on one drops packets at
 //! another's XDP interface within a second (and an unban lets them through again), a daemon
 //! that was down catches up on start, keys made on one node work on every node, and the
-//! monthly quota is one counter for all of them.
+//! monthly quota is one counter for all of them. And what Redis being away must not lose: an
+//! unban made meanwhile (even across a crash) reaches every node, and usage counted meanwhile
+//! survives a SIGKILL and is written back once.
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
@@ -9,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aiguard_daemon::usage::Today;
 use aiguard_tests::{
     daemon::Daemon,
     netns::{Netns, Reach, TcpService, VethPair, connect_from},
@@ -233,4 +236,175 @@ fn keys_and_the_monthly_quota_are_shared_by_every_node() {
         Duration::from_secs(1),
         || post(addr_a, &secret) == 401,
     );
+}
+
+/// Tokens the daemon's ledger holds for `tenant` this month.
+fn ledger_tokens(d: &Daemon, tenant: &str) -> u64 {
+    let usage = d.cli_json(&["usage", "--tenant", tenant, "--format", "json"]);
+    usage["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rows: {usage}"))
+        .iter()
+        .map(|r| {
+            r["prompt_tokens"].as_u64().unwrap_or(0) + r["completion_tokens"].as_u64().unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The tenant's month counter as Redis holds it (default prefix; 0 when there is none).
+fn month_counter(redis: &RedisServer, tenant: &str) -> u64 {
+    let key = format!("aiguard:{{{tenant}}}:q:{}", Today::now().month());
+    let v = redis.cli(&["GET", &key]);
+    if v.is_empty() {
+        0
+    } else {
+        v.parse()
+            .unwrap_or_else(|e| panic!("{key} holds {v:?}: {e}"))
+    }
+}
+
+fn shared_status(d: &Daemon) -> serde_json::Value {
+    d.cli_json(&["status", "--json"])["shared"].clone()
+}
+
+#[test]
+fn usage_counted_while_redis_is_down_survives_a_sigkill_and_is_written_back_once() {
+    if !privileged() || !redis_available() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let config = format!(
+        "[gateway]\nlisten = [\"127.0.0.1:0\"]\nupstreams = [\"{}\"]\ndefault_tier = \"free\"\n\
+         [store]\nbackend = \"redis\"\nurls = [\"{}\"]\nnode_name = \"node-a\"\n\
+         decision_timeout = \"100ms\"\nretry_interval = \"100ms\"\nconnect_timeout = \"1s\"\n\
+         [tiers.free]\non_store_failure = \"fail_open\"\n",
+        upstream.url(),
+        redis.url()
+    );
+    let mut a = Daemon::start_host(Some(&config), &[]);
+    let addr = listen_addr(&a);
+    let made = a.cli_json(&["keys", "add", "--tenant", "acme", "--json"]);
+    let secret = made["key"].as_str().expect("key").to_owned();
+    assert_eq!(post(addr, &secret), 200);
+    within(
+        "the first request is settled in Redis",
+        Duration::from_secs(5),
+        || {
+            let counted = month_counter(&redis, "acme");
+            counted > 0 && counted == ledger_tokens(&a, "acme")
+        },
+    );
+    let before = month_counter(&redis, "acme");
+
+    // Redis goes away (keeping what it holds); fail_open serves on, counting into the outbox.
+    assert_eq!(redis.cli(&["SAVE"]), "OK");
+    redis.stop();
+    for _ in 0..4 {
+        assert_eq!(post(addr, &secret), 200);
+    }
+    within(
+        "the outbox holds what Redis has not seen",
+        Duration::from_secs(5),
+        || {
+            let s = shared_status(&a);
+            s["up"] == false
+                && s["outbox_tokens"].as_u64() == Some(ledger_tokens(&a, "acme") - before)
+        },
+    );
+    let used = ledger_tokens(&a, "acme");
+    assert!(used > before, "{used} {before}");
+
+    // Killed: no shutdown, no last write-back. Redis returns, then the daemon.
+    a.kill();
+    redis.restart();
+    assert_eq!(
+        month_counter(&redis, "acme"),
+        before,
+        "Redis kept its counter"
+    );
+    a.restart();
+    within("written back", Duration::from_secs(10), || {
+        let s = shared_status(&a);
+        s["up"] == true && s["outbox_tokens"] == 0
+    });
+    assert_eq!(ledger_tokens(&a, "acme"), used, "the ledger survived too");
+    assert_eq!(month_counter(&redis, "acme"), used, "every token, once");
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(month_counter(&redis, "acme"), used, "and only once");
+}
+
+#[test]
+fn an_unban_made_while_redis_is_down_reaches_every_node_even_across_a_crash() {
+    if !privileged() || !redis_available() {
+        return;
+    }
+    const RANGE: &str = "10.243.7.0/24";
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let args = |node: &'static str| -> Vec<String> {
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--redis",
+            &url,
+            "--node-name",
+            node,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let start = |node| {
+        let args = args(node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_host(None, &args)
+    };
+    let in_redis =
+        |redis: &RedisServer| redis.cli(&["HEXISTS", "aiguard:{bans}:all", RANGE]) == "1";
+    let mut a = start("node-a");
+    let mut b = start("node-b");
+    a.cli_ok(&["ban", RANGE, "--ttl", "1h", "--reason", "stuffing"]);
+    within("the ban reaches node B", Duration::from_secs(2), || {
+        ban_of(&b, RANGE).is_some()
+    });
+    assert!(in_redis(&redis));
+
+    // A goes away (it will miss the unban), then Redis (keeping the ban).
+    a.stop();
+    assert_eq!(redis.cli(&["SAVE"]), "OK");
+    redis.stop();
+    b.cli_ok(&["unban", RANGE]);
+    assert!(ban_of(&b, RANGE).is_none());
+    // B crashes and starts again while Redis is still away: the unban is not forgotten.
+    b.kill();
+    b.restart();
+    assert!(ban_of(&b, RANGE).is_none(), "{:?}", ban_of(&b, RANGE));
+
+    redis.restart();
+    assert!(in_redis(&redis), "Redis came back with the ban");
+    within("the unban reaches Redis", Duration::from_secs(10), || {
+        !in_redis(&redis)
+    });
+    assert!(ban_of(&b, RANGE).is_none(), "B did not take the ban back");
+
+    // A returns holding the ban as its own: it lifts it rather than pushing it back.
+    a.restart();
+    within(
+        "A lifts the ban unbanned while it was away",
+        Duration::from_secs(10),
+        || ban_of(&a, RANGE).is_none(),
+    );
+    thread::sleep(Duration::from_secs(1));
+    assert!(!in_redis(&redis), "A did not push it back");
+    assert!(ban_of(&a, RANGE).is_none());
+    assert!(ban_of(&b, RANGE).is_none());
+
+    // A ban made after the unban goes everywhere as before.
+    a.cli_ok(&["ban", RANGE, "--ttl", "1h"]);
+    within("a new ban reaches node B", Duration::from_secs(2), || {
+        ban_of(&b, RANGE).is_some()
+    });
+    assert!(in_redis(&redis));
 }

@@ -7,7 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aiguard_daemon::usage::Today;
+use aiguard_daemon::{
+    gateway::decide::Decider,
+    limits::{Demand, Limiter},
+    shared::{Backend, FailureMode, Shared, StoreSettings},
+    store::Store,
+    tiers::{Limits, QuotaEnforcement, TenantPolicy},
+    usage::Today,
+};
 use aiguard_tests::{
     gateway::{Answer, TestGateway, chat_request, client, send},
     redis::{RedisCluster, RedisServer, redis_available},
@@ -17,6 +24,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use serde_json::json;
+use tokio::{sync::watch, task::JoinHandle};
 
 fn config(upstream: &Upstream, urls: &[String], node: &str, extra: &str) -> String {
     let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
@@ -28,6 +36,11 @@ fn config(upstream: &Upstream, urls: &[String], node: &str, extra: &str) -> Stri
         urls.join(", ")
     )
 }
+
+/// The failure-mode tests want Redis given up on quickly; the exactness tests want every
+/// decision taken by Redis however loaded the machine is.
+const SHORT_DECISION: &str = "decision_timeout = \"100ms\"";
+const PATIENT_DECISION: &str = "decision_timeout = \"3s\"";
 
 fn hello(max_tokens: u64) -> serde_json::Value {
     json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})
@@ -81,6 +94,8 @@ async fn one_request_limit_across_three(urls: Vec<String>) {
             node,
             "[tiers.free]\n[tiers.free.per_key]\nrequests_per_minute = 12\n",
         )
+        // Exactness is Redis's: a loaded machine must not push decisions to the fallback.
+        .replace(SHORT_DECISION, PATIENT_DECISION)
     })
     .await;
     let key = gws[0].add_key("acme", "free");
@@ -110,6 +125,10 @@ async fn one_request_limit_across_three(urls: Vec<String>) {
     assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
     let ok = answers.iter().find(|a| a.status == 200).expect("a 200");
     assert_eq!(ok.header("x-ratelimit-limit-requests"), Some("12"));
+    for g in &gws {
+        let status = g.gw.decider.shared().expect("shared store").status();
+        assert_eq!(status.fallbacks, 0, "every decision was Redis's: {status:?}");
+    }
     for g in gws {
         g.stop().await;
     }
@@ -158,6 +177,7 @@ async fn three_gateways_never_over_admit_a_monthly_quota_or_the_concurrency_cap(
             node,
             "[tiers.free]\nmonthly_tokens = 1000\n[tiers.capped]\nmax_concurrent = 4\n",
         )
+        .replace(SHORT_DECISION, PATIENT_DECISION)
     })
     .await;
     let key = gws[0].add_key("acme", "free");
@@ -349,5 +369,341 @@ async fn when_redis_hangs_or_restarts_each_tier_does_as_configured_and_no_usage_
     }
     let status = shared.status();
     assert_eq!(status.recoveries, 2, "{status:?}");
+    g.stop().await;
+}
+
+/// `[store]` for one node on `url`, timed for tests.
+fn store_settings(url: &str, node: &str, lease: Duration) -> StoreSettings {
+    StoreSettings {
+        backend: Backend::Redis,
+        urls: vec![url.to_owned()],
+        node_name: Some(node.to_owned()),
+        prefix: "test:".into(),
+        decision_timeout: Duration::from_millis(100),
+        connect_timeout: Duration::from_secs(1),
+        retry_interval: Duration::from_millis(100),
+        lease,
+        ..StoreSettings::default()
+    }
+}
+
+/// A node's shared store over an embedded store in `dir`, with its maintenance loop running.
+/// Dropping it stops the loop without its shutdown work, as a crash would.
+struct SharedNode {
+    shared: Arc<Shared>,
+    _shutdown: watch::Sender<bool>,
+    maintain: JoinHandle<()>,
+}
+
+impl SharedNode {
+    async fn open(settings: &StoreSettings, dir: &std::path::Path) -> Self {
+        let store = Store::open(dir).expect("embedded store");
+        let shared = Shared::open(settings, store).await.expect("shared store");
+        let (shutdown, rx) = watch::channel(false);
+        let maintain = tokio::spawn(shared.clone().maintain(rx));
+        Self {
+            shared,
+            _shutdown: shutdown,
+            maintain,
+        }
+    }
+
+    /// Stops the loop with no chance to persist or write back anything, and waits until the
+    /// embedded store is closed (every handle to it dropped), so that it can be opened again.
+    async fn crash(self) {
+        self.maintain.abort();
+        let _ = self.maintain.await;
+        let shared = self.shared;
+        wait_until(
+            "nothing else holds the shared store",
+            Duration::from_secs(5),
+            async || Arc::strong_count(&shared) == 1,
+        )
+        .await;
+        drop(shared);
+    }
+}
+
+fn unlimited() -> TenantPolicy {
+    TenantPolicy {
+        tenant: Limits::default(),
+        per_key: Limits::default(),
+        monthly_tokens: None,
+        quota: QuotaEnforcement::Hard,
+    }
+}
+
+fn demand<'a>(
+    tenant: &'a str,
+    key: &'a Arc<str>,
+    policy: &'a TenantPolicy,
+    tokens: u64,
+) -> Demand<'a> {
+    let today = Today::now();
+    Demand {
+        tenant,
+        key,
+        policy,
+        model: None,
+        tokens,
+        min_tokens: 1,
+        month: today.month_index(),
+        month_left: today.month_left(),
+    }
+}
+
+/// The tenant's month counter as Redis holds it (0 when there is none).
+fn month_counter(redis: &RedisServer, tenant: &str) -> u64 {
+    let key = format!("test:{{{tenant}}}:q:{}", Today::now().month());
+    let v = redis.cli(&["GET", &key]);
+    if v.is_empty() {
+        0
+    } else {
+        v.parse()
+            .unwrap_or_else(|e| panic!("{key} holds {v:?}: {e}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_counted_while_redis_is_down_survives_a_crash_and_is_written_back_once() {
+    if !need_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = store_settings(&redis.url(), "node-0", Duration::from_secs(60));
+
+    let node = SharedNode::open(&settings, dir.path()).await;
+    assert!(!node.shared.health.is_up());
+    {
+        let decider = Decider::new(Some(node.shared.clone()));
+        let limiter = Limiter::new();
+        let (key, policy) = (Arc::<str>::from("key-1"), unlimited());
+        for used in [30, 40, 50] {
+            let ticket = decider
+                .admit(
+                    &limiter,
+                    &demand("acme", &key, &policy, 100),
+                    FailureMode::FailOpen,
+                )
+                .await
+                .unwrap_or_else(|r| panic!("fail_open serves without Redis: {r:?}"));
+            ticket.settle(used);
+        }
+    }
+    assert_eq!(node.shared.status().outbox_tokens, 120);
+    // Killed with Redis still away: no write-back, no shutdown.
+    node.crash().await;
+
+    redis.restart();
+    let node = SharedNode::open(&settings, dir.path()).await;
+    assert!(node.shared.health.is_up(), "{:?}", node.shared.status());
+    assert!(
+        node.shared.outbox.is_empty(),
+        "written back before marked up"
+    );
+    assert_eq!(month_counter(&redis, "acme"), 120, "every token, once");
+    node.crash().await;
+
+    // Another start has nothing left to write back.
+    let node = SharedNode::open(&settings, dir.path()).await;
+    assert!(node.shared.health.is_up());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(month_counter(&redis, "acme"), 120, "written back once");
+    node.crash().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_without_redis_is_an_outage_whose_recovery_is_counted_after_the_write_back() {
+    if !need_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let g = TestGateway::start(&config(
+        &upstream,
+        &[redis.url()],
+        "node-0",
+        "[tiers.free]\non_store_failure = \"fail_open\"\n",
+    ))
+    .await;
+    let key = g.add_key("acme", "free");
+    let shared = g.shared.clone().expect("shared");
+    let c = client();
+    for _ in 0..3 {
+        let a = send(
+            &c,
+            chat_request(&g.url("/v1/chat/completions"), &key, &hello(16), &[]),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    // Settled once each body has ended (the ledger after the outbox).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = shared.status();
+    assert!(!status.up, "{status:?}");
+    assert_eq!(
+        status.outages, 1,
+        "a start without Redis is an outage: {status:?}"
+    );
+    assert_eq!(status.recoveries, 0, "{status:?}");
+    assert!(status.state_secs.is_some(), "{status:?}");
+    assert!(status.outbox_tokens > 0, "{status:?}");
+    let want = ledger_total(&g, "acme");
+    assert_eq!(status.outbox_tokens as u64, want);
+
+    // Watch the recovery: never up while the outbox still waits.
+    let watcher = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if shared.health.is_up() {
+                    return shared.outbox.total();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            panic!("Redis not marked up within 10 s: {:?}", shared.status());
+        })
+    };
+    redis.restart();
+    let waiting_when_up = watcher.await.expect("watcher");
+    assert_eq!(
+        waiting_when_up, 0,
+        "marked up before the outbox was written back"
+    );
+    assert_eq!(
+        shared
+            .month_used("acme", &Today::now())
+            .await
+            .expect("month"),
+        want
+    );
+    let status = shared.status();
+    assert!(status.up, "{status:?}");
+    assert_eq!(status.recoveries, 1, "the recovery is counted: {status:?}");
+    assert_eq!(status.outages, 1, "{status:?}");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settlement_after_its_record_expired_still_counts_once_even_retried() {
+    if !need_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The shortest lease: a request's record in Redis lives 1 s.
+    let settings = store_settings(&redis.url(), "node-0", Duration::from_secs(1));
+    let node = SharedNode::open(&settings, dir.path()).await;
+    let shared = node.shared.clone();
+    let (key, policy) = (Arc::<str>::from("key-1"), unlimited());
+    let admit = async || {
+        shared
+            .admit(&demand("acme", &key, &policy, 100))
+            .await
+            .expect("Redis decides")
+            .expect("admitted")
+    };
+
+    // Settled 1.3 s after admission: the record is gone, the 100 reserved are still counted.
+    let first = admit().await;
+    assert_eq!(month_counter(&redis, "acme"), 100);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    first.settle_and_wait(30).await.expect("settled");
+    assert_eq!(
+        month_counter(&redis, "acme"),
+        30,
+        "the late settlement counts"
+    );
+
+    // Late again, and Redis hangs while it runs: the node times out and retries it when
+    // Redis is back, by when the hung try has run. Counted once.
+    let second = admit().await;
+    assert_eq!(month_counter(&redis, "acme"), 130);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    redis.pause();
+    let e = second.settle_and_wait(40).await.expect_err("Redis is hung");
+    assert_eq!(shared.retries_pending(), 1, "{e}: queued for retry");
+    redis.resume();
+    wait_until(
+        "the retry went through",
+        Duration::from_secs(10),
+        async || shared.health.is_up() && shared.retries_pending() == 0,
+    )
+    .await;
+    assert_eq!(month_counter(&redis, "acme"), 70, "30 + 40, each once");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(month_counter(&redis, "acme"), 70);
+    assert_eq!(shared.status().recoveries, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scripts_flushed_from_redis_mid_run_are_loaded_again_without_a_fallback() {
+    if !need_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let g = TestGateway::start(&config(
+        &upstream,
+        &[redis.url()],
+        "node-0",
+        "[tiers.free]\non_store_failure = \"fail_closed\"\nrequests_per_minute = 1000\n",
+    ))
+    .await;
+    let key = g.add_key("acme", "free");
+    let shared = g.shared.clone().expect("shared");
+    let c = client();
+    let url = g.url("/v1/chat/completions");
+    let exists = |sha: &str| redis.cli(&["SCRIPT", "EXISTS", sha]);
+    let admit_sha = shared.scripts.admit.get_hash().to_owned();
+    let settle_sha = shared.scripts.settle.get_hash().to_owned();
+    for _ in 0..2 {
+        assert_eq!(
+            send(&c, chat_request(&url, &key, &hello(16), &[]))
+                .await
+                .status,
+            200
+        );
+    }
+    wait_until("settled", Duration::from_secs(5), async || {
+        shared.month_used("acme", &Today::now()).await.ok() == Some(ledger_total(&g, "acme"))
+    })
+    .await;
+    assert_eq!(exists(&admit_sha), "1");
+    assert_eq!(exists(&settle_sha), "1");
+
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    assert_eq!(exists(&admit_sha), "0");
+    assert_eq!(exists(&settle_sha), "0");
+    for _ in 0..3 {
+        // fail_closed: a decision without Redis would be a 503.
+        let a = send(&c, chat_request(&url, &key, &hello(16), &[])).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    wait_until("settled again", Duration::from_secs(5), async || {
+        shared.month_used("acme", &Today::now()).await.ok() == Some(ledger_total(&g, "acme"))
+    })
+    .await;
+    assert_eq!(
+        exists(&admit_sha),
+        "1",
+        "the admission script was loaded again"
+    );
+    assert_eq!(
+        exists(&settle_sha),
+        "1",
+        "the settlement script was loaded again"
+    );
+    let status = shared.status();
+    assert!(status.up, "{status:?}");
+    assert_eq!(status.fallbacks, 0, "{status:?}");
+    assert_eq!(status.errors, 0, "{status:?}");
+    assert_eq!(status.timeouts, 0, "{status:?}");
+    assert_eq!(status.outages, 0, "{status:?}");
+    assert_eq!(status.retries_pending, 0, "{status:?}");
     g.stop().await;
 }

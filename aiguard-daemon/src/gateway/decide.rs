@@ -49,6 +49,8 @@ impl Fallback {
         if let Some(a) = self.local.take() {
             a.settle(used);
         }
+        // On disk when this returns (one small group-committed transaction, only while Redis
+        // is away): a crash now does not lose the usage Redis has not seen.
         self.shared
             .outbox
             .add(&self.tenant, &self.month, used as i64);

@@ -10,6 +10,12 @@
 //! Records keep their absolute expiry (unix ms), so a ban ends at the same moment on every
 //! node (each converts it to its own boot clock for the kernel). A node stores a ban from
 //! another node with origin `replicated` and that node's name, which `aiguard bans` shows.
+//!
+//! An unban is kept on disk (`shared_pending_unbans.v1`) until Redis has it, so one made while
+//! Redis is out of reach reaches it when it returns, even across a restart. It leaves a
+//! tombstone with its time (`{bans}:unbanned:RANGE`, for [`UNBAN_MEMORY`]): a node that
+//! holds the ban as its own and missed the unban (it was down) lifts it on its resync instead
+//! of pushing it back; a ban made after the unban wins over it, on every path.
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex, atomic::Ordering},
@@ -18,6 +24,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use ipnetwork::IpNetwork;
+use redb::{ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -26,10 +33,18 @@ use super::Shared;
 use crate::{
     bans::{BanRecord, Origin, now_ms},
     daemon::Node,
+    store::{Store, StoreError},
 };
 
 /// Bans per HSET and per announcement; a larger batch is announced as "resync".
 const BATCH: usize = 10_000;
+
+/// How long Redis remembers an unban (its tombstone): a node away for longer that held the
+/// ban as its own pushes it back when it returns. Unbans are operators' acts: few.
+pub const UNBAN_MEMORY: Duration = Duration::from_secs(30 * 86_400);
+
+/// Unbans Redis does not have yet: range → when it was unbanned (unix ms).
+const PENDING_UNBANS: TableDefinition<&str, u64> = TableDefinition::new("shared_pending_unbans.v1");
 
 /// A change, as announced on the channel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +57,10 @@ enum Change {
     Unban {
         node: String,
         ranges: Vec<IpNetwork>,
+        /// When it was unbanned (unix ms): a ban made after it stays. Absent from older
+        /// nodes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at_ms: Option<u64>,
     },
     /// Too many to announce one by one: read the set.
     Resync {
@@ -61,11 +80,103 @@ impl Shared {
     fn bans_channel(&self) -> String {
         format!("{}bans", self.prefix())
     }
+
+    fn unbanned_key(&self, range: &IpNetwork) -> String {
+        format!("{}{{bans}}:unbanned:{range}", self.prefix())
+    }
 }
 
-/// Unbans made here while Redis was out of reach, to push when it is back.
-#[derive(Default)]
-pub struct PendingUnbans(Mutex<HashSet<IpNetwork>>);
+/// Unbans made here that Redis does not have yet, in memory and on disk: to push when it is
+/// back, even after a restart.
+pub struct PendingUnbans {
+    /// Range → when it was unbanned (unix ms). A std mutex: never held across an await.
+    ranges: Mutex<HashMap<IpNetwork, u64>>,
+    store: Store,
+}
+
+impl PendingUnbans {
+    pub(super) fn open(store: Store) -> Result<Self, StoreError> {
+        store.write(|txn| {
+            txn.open_table(PENDING_UNBANS)?;
+            Ok(())
+        })?;
+        let rows = store.read(|txn| {
+            let mut rows = Vec::new();
+            for row in txn.open_table(PENDING_UNBANS)?.iter()? {
+                let (k, v) = row?;
+                rows.push((k.value().to_owned(), v.value()));
+            }
+            Ok(rows)
+        })?;
+        let mut ranges = HashMap::new();
+        for (range, at) in rows {
+            match range.parse::<IpNetwork>() {
+                Ok(r) => {
+                    ranges.insert(r, at);
+                }
+                Err(e) => warn!(%range, error = %e, "ignoring an unreadable pending unban"),
+            }
+        }
+        Ok(Self {
+            ranges: Mutex::new(ranges),
+            store,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpNetwork, u64>> {
+        self.ranges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records unbans made at `at`, on disk before Redis is told (a crash between the two
+    /// leaves them for the next start to push).
+    fn add(&self, ranges: &[IpNetwork], at: u64) {
+        self.lock().extend(ranges.iter().map(|r| (*r, at)));
+        let written = self.store.write(|txn| {
+            let mut t = txn.open_table(PENDING_UNBANS)?;
+            for r in ranges {
+                t.insert(r.to_string().as_str(), at)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            warn!(error = %e, "keeping an unban for the shared store on disk failed: a restart before Redis has it would lose it");
+        }
+    }
+
+    fn list(&self) -> Vec<(IpNetwork, u64)> {
+        self.lock().iter().map(|(r, at)| (*r, *at)).collect()
+    }
+
+    /// Redis has these: forgotten, unless the range was unbanned again since.
+    fn done(&self, pushed: &[(IpNetwork, u64)]) {
+        let gone: Vec<IpNetwork> = {
+            let mut p = self.lock();
+            let gone: Vec<IpNetwork> = pushed
+                .iter()
+                .filter(|(r, at)| p.get(r) == Some(at))
+                .map(|(r, _)| *r)
+                .collect();
+            for r in &gone {
+                p.remove(r);
+            }
+            gone
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let written = self.store.write(|txn| {
+            let mut t = txn.open_table(PENDING_UNBANS)?;
+            for r in &gone {
+                t.remove(r.to_string().as_str())?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            // Pushed again at the next start: harmless.
+            warn!(error = %e, "forgetting replicated unbans on disk failed");
+        }
+    }
+}
 
 /// Writes bans made on this node to Redis and announces them (in the background; while Redis
 /// is out of reach they stay local and the next resync pushes them).
@@ -86,19 +197,23 @@ pub fn announce_bans(shared: &Arc<Shared>, bans: &[BanRecord]) {
     });
 }
 
-/// Deletes unbanned ranges from Redis and announces it.
+/// Deletes unbanned ranges from Redis and announces it (in the background; while Redis is
+/// out of reach they wait on disk, and the next resync pushes them).
 pub fn announce_unban(shared: &Arc<Shared>, ranges: &[IpNetwork]) {
+    if ranges.is_empty() {
+        return;
+    }
+    let at = now_ms();
+    shared.pending_unbans.add(ranges, at);
     let shared = shared.clone();
-    let ranges = ranges.to_vec();
+    let unbans: Vec<(IpNetwork, u64)> = ranges.iter().map(|r| (*r, at)).collect();
     spawn(async move {
-        if let Err(e) = push_unbans(&shared, &ranges).await {
-            warn!(error = %e, "unban not replicated yet: it is pushed when the shared store is back");
-            let mut p = shared
-                .pending_unbans
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            p.extend(ranges);
+        match push_unbans(&shared, &unbans).await {
+            Ok(()) => shared.pending_unbans.done(&unbans),
+            Err(e) => warn!(
+                error = %e,
+                "unban not replicated yet: it is pushed when the shared store is back"
+            ),
         }
     });
 }
@@ -165,27 +280,69 @@ async fn push_bans(shared: &Shared, bans: &[BanRecord]) -> Result<(), String> {
     Ok(())
 }
 
-async fn push_unbans(shared: &Shared, ranges: &[IpNetwork]) -> Result<(), String> {
-    let names: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("HDEL")
-        .arg(shared.bans_key())
-        .arg(&names)
-        .ignore()
-        .cmd("ZREM")
-        .arg(shared.expiry_key())
-        .arg(&names)
-        .ignore();
-    run_pipe(shared, pipe).await?;
-    publish(
-        shared,
-        &Change::Unban {
-            node: shared.node().to_string(),
-            ranges: ranges.to_vec(),
-        },
-    )
-    .await
+/// Lifts unbans (range, when) in Redis (see [`super::scripts::UNBAN`]) and announces those
+/// it lifted.
+async fn push_unbans(shared: &Shared, unbans: &[(IpNetwork, u64)]) -> Result<(), String> {
+    for chunk in unbans.chunks(BATCH) {
+        let mut inv = shared.scripts.unban.prepare_invoke();
+        inv.key(shared.bans_key()).key(shared.expiry_key());
+        for (r, _) in chunk {
+            inv.key(shared.unbanned_key(r));
+        }
+        inv.arg(UNBAN_MEMORY.as_millis() as u64);
+        for (r, at) in chunk {
+            inv.arg(r.to_string()).arg(*at);
+        }
+        let lifted: Vec<String> = shared
+            .run(shared.background_budget(), |c| async move {
+                c.invoke(&inv).await
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let lifted: HashSet<&str> = lifted.iter().map(String::as_str).collect();
+        // One announcement per time (an unban's ranges share one).
+        let mut by_time: HashMap<u64, Vec<IpNetwork>> = HashMap::new();
+        for (r, at) in chunk {
+            if lifted.contains(r.to_string().as_str()) {
+                by_time.entry(*at).or_default().push(*r);
+            }
+        }
+        for (at, ranges) in by_time {
+            publish(
+                shared,
+                &Change::Unban {
+                    node: shared.node().to_string(),
+                    ranges,
+                    at_ms: Some(at),
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// When each of `ranges` was last unbanned anywhere, as Redis remembers it.
+async fn unbanned_at(
+    shared: &Shared,
+    ranges: &[IpNetwork],
+) -> Result<HashMap<IpNetwork, u64>, String> {
+    let mut out = HashMap::new();
+    for chunk in ranges.chunks(BATCH) {
+        let keys: Vec<String> = chunk.iter().map(|r| shared.unbanned_key(r)).collect();
+        let at: Vec<Option<u64>> = shared
+            .run(shared.background_budget(), |c| async move {
+                c.query(redis::cmd("MGET").arg(&keys)).await
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        for (r, at) in chunk.iter().zip(at) {
+            if let Some(at) = at {
+                out.insert(*r, at);
+            }
+        }
+    }
+    Ok(out)
 }
 
 async fn run_pipe(shared: &Shared, pipe: redis::Pipeline) -> Result<(), String> {
@@ -375,7 +532,11 @@ async fn apply(
         Change::Ban { node: from, bans } if from != **shared.node() => {
             apply_bans(shared, node, bans).await
         }
-        Change::Unban { node: from, ranges } if from != **shared.node() => {
+        Change::Unban {
+            node: from,
+            ranges,
+            at_ms,
+        } if from != **shared.node() => {
             let node = node.clone();
             let removed = tokio::task::spawn_blocking(move || {
                 let mut guard = node.lock().unwrap_or_else(|p| p.into_inner());
@@ -384,7 +545,11 @@ async fn apply(
                 } = &mut *guard;
                 let mut removed = 0;
                 for r in ranges {
-                    if bans.get(&r).is_some() {
+                    // A ban made here after the unban stays.
+                    if bans
+                        .get(&r)
+                        .is_some_and(|b| at_ms.is_none_or(|at| b.created_ms <= at))
+                    {
                         bans.unban(dataplane, &r.to_string())
                             .map_err(|e| e.to_string())?;
                         removed += 1;
@@ -439,23 +604,14 @@ async fn apply_bans(
 /// Brings this node and Redis in step: pending unbans and this node's own bans go up; the
 /// set comes down; replicated bans no longer in the set are lifted.
 async fn resync(shared: &Arc<Shared>, node: &Arc<Mutex<Node>>) -> Result<(), String> {
-    let pending: Vec<IpNetwork> = shared
-        .pending_unbans
-        .0
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
-    if !pending.is_empty()
-        && let Err(e) = push_unbans(shared, &pending).await
-    {
-        shared
-            .pending_unbans
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(pending);
-        return Err(e);
+    let pending = shared.pending_unbans.list();
+    if !pending.is_empty() {
+        push_unbans(shared, &pending).await?;
+        shared.pending_unbans.done(&pending);
+        info!(
+            count = pending.len(),
+            "unbans made here pushed to the shared store"
+        );
     }
     let _ = delete_ended(shared).await;
     let key = shared.bans_key();
@@ -477,8 +633,9 @@ async fn resync(shared: &Arc<Shared>, node: &Arc<Mutex<Node>>) -> Result<(), Str
     }
     let in_redis: HashSet<IpNetwork> = records.iter().map(|r| r.range).collect();
 
-    // What this node has that Redis does not: its own bans go up, others' were lifted.
-    let (own_missing, lifted) = {
+    // What this node has that Redis does not: its own bans go up (unless unbanned elsewhere
+    // since), others' were lifted.
+    let (own_missing, mut lifted) = {
         let guard = node.lock().unwrap_or_else(|p| p.into_inner());
         let mut own = Vec::new();
         let mut lifted = Vec::new();
@@ -496,6 +653,12 @@ async fn resync(shared: &Arc<Shared>, node: &Arc<Mutex<Node>>) -> Result<(), Str
         }
         (own, lifted)
     };
+    let own_ranges: Vec<IpNetwork> = own_missing.iter().map(|r| r.range).collect();
+    let unbanned = unbanned_at(shared, &own_ranges).await?;
+    let (own_missing, unbanned_elsewhere): (Vec<BanRecord>, Vec<BanRecord>) = own_missing
+        .into_iter()
+        .partition(|r| unbanned.get(&r.range).is_none_or(|at| r.created_ms > *at));
+    lifted.extend(unbanned_elsewhere.iter().map(|r| r.range));
     if !own_missing.is_empty() {
         push_bans(shared, &own_missing).await?;
         info!(

@@ -5,11 +5,17 @@
 //!
 //! Admission charges the monthly counter with the reservation at once (requests in flight on
 //! other nodes see it); settlement moves it by what was really used. A settlement Redis does
-//! not take is kept in the [`super::outbox`]; the concurrency leases it held expire on their
-//! own after `store.lease`.
-use std::{sync::Arc, time::Duration};
+//! not take is retried until it does (the concurrency leases it held expire on their own after
+//! `store.lease`). One that comes after its request's record expired (a stream longer than
+//! `store.lease`, or a settlement that waited out an outage) still moves the counter: the
+//! reservation is still in it. Each settlement leaves a mark for `store.lease`, so a retry of
+//! one that ran (its answer lost) does nothing.
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tracing::debug;
+use tracing::{debug, error, warn};
 
 use super::{Shared, StoreFailure};
 use crate::{
@@ -107,6 +113,7 @@ impl Shared {
                 inv.arg(a);
             }
         }
+        let sent = Instant::now();
         let reply: Vec<i64> = match self
             .run(
                 self.decision_budget(),
@@ -119,18 +126,22 @@ impl Shared {
                 // Sent, perhaps run (or to run, once a hung Redis resumes): cancel it, so a
                 // request the node refused or served without Redis is not charged there too.
                 if e != StoreFailure::Down {
-                    self.queue(SettleCall {
-                        tenant: d.tenant.to_owned(),
-                        month: month.clone(),
-                        keys,
-                        lease,
-                        levels: levels_admitted,
-                        reserved: d.tokens,
-                        used: 0,
-                        delta: 0,
-                        cancel: true,
-                        since: std::time::Instant::now(),
-                    });
+                    self.queue(
+                        SettleCall {
+                            tenant: d.tenant.to_owned(),
+                            month: month.clone(),
+                            keys,
+                            lease,
+                            levels: levels_admitted,
+                            reserved: d.tokens,
+                            used: 0,
+                            delta: 0,
+                            cancel: true,
+                            unanswered: None,
+                            refusals: 0,
+                        }
+                        .sent_at(sent, &e),
+                    );
                 }
                 return Err(e);
             }
@@ -168,12 +179,12 @@ impl Shared {
                 requested: d.tokens,
             }),
             Some(6) => {
-                return Err(StoreFailure::Error(
+                return Err(StoreFailure::Refused(
                     "the request was cancelled before Redis ran its admission".into(),
                 ));
             }
             other => {
-                return Err(StoreFailure::Error(format!(
+                return Err(StoreFailure::Refused(format!(
                     "the admission script answered {other:?}"
                 )));
             }
@@ -248,9 +259,9 @@ impl SharedAdmission {
     /// background). A settlement Redis does not take is queued for retry, as in the background.
     pub async fn settle_and_wait(mut self, used: u64) -> Result<(), StoreFailure> {
         self.settled = true;
-        let call = self.call(used);
+        let mut call = self.call(used);
         let shared = self.shared.clone();
-        match shared.settle_call(&call).await {
+        match shared.settle_call(&mut call).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 shared.queue(call);
@@ -270,12 +281,13 @@ impl SharedAdmission {
             used,
             delta: used as i64 - self.quota_reserved as i64,
             cancel: false,
-            since: std::time::Instant::now(),
+            unanswered: None,
+            refusals: 0,
         }
     }
 
     /// Settles with the tokens really used, in the background: the response is not held
-    /// for it. What Redis does not take is retried, and after `store.lease` goes to the outbox.
+    /// for it. What Redis does not take is retried until it does.
     pub fn settle(mut self, used: u64) {
         self.finish(used);
     }
@@ -285,14 +297,14 @@ impl SharedAdmission {
             return;
         }
         self.settled = true;
-        let call = self.call(used);
+        let mut call = self.call(used);
         let shared = self.shared.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             shared.queue(call);
             return;
         };
         rt.spawn(async move {
-            if let Err(e) = shared.settle_call(&call).await {
+            if let Err(e) = shared.settle_call(&mut call).await {
                 debug!(error = %e, tenant = %call.tenant, "settlement queued for retry");
                 shared.queue(call);
             }
@@ -301,7 +313,8 @@ impl SharedAdmission {
 }
 
 /// A settlement (or the cancellation of an admission) to run in Redis; idempotent through the
-/// request's record, so it can be retried until Redis takes it.
+/// request's record (and the mark a settlement leaves), so it can be retried until Redis
+/// takes it.
 #[derive(Debug, Clone)]
 pub struct SettleCall {
     tenant: String,
@@ -313,12 +326,55 @@ pub struct SettleCall {
     used: u64,
     delta: i64,
     cancel: bool,
-    since: std::time::Instant,
+    /// When the first try that may have run in Redis without this node hearing back (a
+    /// timeout, a connection lost mid-way) was sent.
+    unanswered: Option<Instant>,
+    /// Tries Redis answered with an error (it refused the script).
+    refusals: u32,
 }
 
+/// Tries of a settlement that Redis refuses (answers with an error) before it is given up.
+const MAX_REFUSALS: u32 = 10;
+
+impl SettleCall {
+    /// Notes a try sent at `sent` that failed with `e`.
+    fn sent_at(mut self, sent: Instant, e: &StoreFailure) -> Self {
+        self.failed(sent, e);
+        self
+    }
+
+    fn failed(&mut self, sent: Instant, e: &StoreFailure) {
+        match e {
+            // Never sent.
+            StoreFailure::Down => {}
+            StoreFailure::Timeout(_) | StoreFailure::Error(_) => {
+                self.unanswered.get_or_insert(sent);
+            }
+            // A script that failed mid-way may have written part of what it does.
+            StoreFailure::Refused(_) => {
+                self.unanswered.get_or_insert(sent);
+                self.refusals += 1;
+            }
+        }
+    }
+
+    /// Whether a missing record means that this settlement never ran (so it must count): a
+    /// try that ran left a mark for `mark_for` (a hung Redis runs it late, when it resumes,
+    /// so the mark lasts at least that long from when it was sent).
+    fn missing_record_means_unsettled(&self, mark_for: Duration) -> bool {
+        self.unanswered.is_none_or(|t| t.elapsed() < mark_for)
+    }
+}
+
+/// The settlement script's answer when the record is gone and the node could not rule out
+/// that an earlier try ran (-1: nothing left to do; 0 and up: the month's counter).
+const CANNOT_TELL: i64 = -2;
+
 impl Shared {
-    pub(super) async fn settle_call(&self, call: &SettleCall) -> Result<i64, StoreFailure> {
+    /// Runs a settlement once; on failure, notes what the try may have done in `call`.
+    pub(super) async fn settle_call(&self, call: &mut SettleCall) -> Result<i64, StoreFailure> {
         let gone = super::month_gone_ms(&call.month).unwrap_or(0);
+        let lease = self.settings().lease;
         let mut inv = self.scripts.settle.prepare_invoke();
         for k in &call.keys {
             inv.key(k);
@@ -330,14 +386,27 @@ impl Shared {
             .arg(call.delta)
             .arg(gone)
             .arg(if call.cancel { "cancel" } else { "settle" })
-            .arg(self.settings().lease.as_millis() as u64);
+            .arg(lease.as_millis() as u64)
+            .arg(u8::from(call.missing_record_means_unsettled(lease)));
         for (tpm, maxc) in &call.levels {
             inv.arg(*tpm).arg(*maxc);
         }
-        self.run(self.background_budget(), |c| async move {
-            c.invoke::<i64>(&inv).await
-        })
-        .await
+        let sent = Instant::now();
+        let done = self
+            .run(self.background_budget(), |c| async move {
+                c.invoke::<i64>(&inv).await
+            })
+            .await;
+        match &done {
+            Ok(CANNOT_TELL) => warn!(
+                tenant = %call.tenant,
+                tokens = call.delta,
+                "a settlement retried after its request's record expired was not counted: an earlier try may have counted it"
+            ),
+            Ok(_) => {}
+            Err(e) => call.failed(sent, e),
+        }
+        done
     }
 
     fn queue(&self, call: SettleCall) {
@@ -347,22 +416,29 @@ impl Shared {
             .push(call);
     }
 
-    /// Runs the queued settlements and cancellations. One that Redis could not take for
-    /// longer than a request's record lives is given up: its usage goes to the outbox instead
-    /// (the record is gone, so Redis cannot have counted it twice).
+    /// Runs the queued settlements and cancellations, each until Redis takes it (a record
+    /// that expired meanwhile does not stop it counting), or refuses it [`MAX_REFUSALS`]
+    /// times.
     pub(super) async fn run_retries(&self) {
         let calls = std::mem::take(&mut *self.retries.lock().unwrap_or_else(|p| p.into_inner()));
-        let lease = self.settings().lease;
         let mut left = Vec::new();
-        for call in calls {
-            if call.since.elapsed() >= lease {
-                if !call.cancel {
-                    self.outbox.add(&call.tenant, &call.month, call.delta);
+        let mut calls = calls.into_iter();
+        while let Some(mut call) = calls.next() {
+            match self.settle_call(&mut call).await {
+                Ok(_) => {}
+                Err(StoreFailure::Refused(_)) if call.refusals >= MAX_REFUSALS => error!(
+                    tenant = %call.tenant,
+                    tokens = call.delta,
+                    cancel = call.cancel,
+                    "the shared store keeps refusing a settlement: given up"
+                ),
+                Err(StoreFailure::Refused(_)) => left.push(call),
+                Err(_) => {
+                    // Out of reach again: the rest waits for the next recovery.
+                    left.push(call);
+                    left.extend(calls);
+                    break;
                 }
-                continue;
-            }
-            if self.settle_call(&call).await.is_err() {
-                left.push(call);
             }
         }
         self.retries

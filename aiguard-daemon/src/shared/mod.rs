@@ -76,12 +76,18 @@ impl Conn {
 /// Why the shared store could not decide.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreFailure {
+    /// Marked down: nothing was sent.
     #[error("the shared store is marked down")]
     Down,
+    /// No answer within the budget (the operation may still run, late).
     #[error("the shared store did not answer within {0:?}")]
     Timeout(Duration),
+    /// Redis is out of reach (the connection failed or was lost).
     #[error("the shared store failed: {0}")]
     Error(String),
+    /// Redis answered with an error: it refused this operation, and is still up.
+    #[error("the shared store refused the operation: {0}")]
+    Refused(String),
 }
 
 /// Whether Redis answers, and what went wrong; counted for `aiguard status` and metrics.
@@ -143,14 +149,28 @@ impl Health {
         }
     }
 
+    /// A start without Redis: an outage like any other (logged, counted, and ended by a
+    /// recovery), though the store was never up.
+    fn down_at_start(&self, why: &str) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        self.up.store(false, Ordering::Release);
+        *last = (Some(Instant::now()), Some(why.to_owned()));
+        self.outages.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            error = why,
+            "shared store unreachable at start: tiers fall back to their on_store_failure mode until it answers"
+        );
+    }
+
+    /// Marks the store up; returns how long it was down, or `None` if it was up already.
     fn mark_up(&self) -> Option<Duration> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if self.up.swap(true, Ordering::AcqRel) {
             return None;
         }
-        let down_for = last.0.map(|t| t.elapsed());
+        let down_for = last.0.map(|t| t.elapsed()).unwrap_or_default();
         last.0 = Some(Instant::now());
-        down_for
+        Some(down_for)
     }
 }
 
@@ -175,7 +195,8 @@ impl Shared {
     /// Opens the outbox and connects if Redis answers; if it does not, the node starts anyway
     /// (tiers fall back) and keeps trying in [`Shared::maintain`].
     pub async fn open(settings: &StoreSettings, store: Store) -> Result<Arc<Self>, String> {
-        let outbox = Outbox::open(store).map_err(|e| e.to_string())?;
+        let outbox = Outbox::open(store.clone()).map_err(|e| e.to_string())?;
+        let pending_unbans = bans::PendingUnbans::open(store).map_err(|e| e.to_string())?;
         let shared = Arc::new(Self {
             settings: settings.clone(),
             node: settings.node_name().into(),
@@ -186,19 +207,29 @@ impl Shared {
             lease_seq: AtomicU64::new(0),
             connected: watch::channel(0).0,
             bans_replicated: AtomicU64::new(0),
-            pending_unbans: Default::default(),
+            pending_unbans,
             retries: Mutex::new(Vec::new()),
         });
         // A client for every URL now, so that a malformed one fails the start, not a probe.
         shared.client_config_check()?;
         match shared.try_connect().await {
-            Ok(()) => {
-                info!(urls = ?shared.redacted_urls(), node = %shared.node, "shared store connected")
-            }
-            Err(e) => {
-                shared.health.mark_down(&e);
-                shared.health.outages.store(0, Ordering::Relaxed);
-            }
+            // Usage a previous run left in the outbox (it crashed, or stopped while Redis was
+            // away) goes into the counters before this node decides with them.
+            Ok(()) => match shared.catch_up().await {
+                Ok(written) => {
+                    shared.health.mark_up();
+                    shared.connected.send_modify(|n| *n += 1);
+                    info!(urls = ?shared.redacted_urls(), node = %shared.node, "shared store connected");
+                    if written != 0 {
+                        info!(
+                            tokens = written,
+                            "usage counted by a previous run without the shared store written back"
+                        );
+                    }
+                }
+                Err(e) => shared.health.down_at_start(&e),
+            },
+            Err(e) => shared.health.down_at_start(&e),
         }
         Ok(shared)
     }
@@ -272,9 +303,8 @@ impl Shared {
         if pong != "PONG" {
             return Err(format!("unexpected answer to PING: {pong}"));
         }
+        // Not marked up yet: what waited for Redis goes in first (see `catch_up`).
         *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
-        self.health.mark_up();
-        self.connected.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -301,10 +331,11 @@ impl Shared {
                 let message = e.to_string();
                 if is_unreachable(&e) {
                     self.health.mark_down(&message);
+                    Err(StoreFailure::Error(message))
                 } else {
                     warn!(error = %message, "shared store refused an operation");
+                    Err(StoreFailure::Refused(message))
                 }
-                Err(StoreFailure::Error(message))
             }
             Err(_) => {
                 self.health.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -373,18 +404,13 @@ impl Shared {
                 last.1 = Some(e);
                 continue;
             }
-            let written = self.outbox.total();
-            // Before the store is marked up: cancellations first, so that admissions which
-            // ran late are undone before new decisions see the counters.
-            let failures = self.health.failures();
-            self.health.probing.store(true, Ordering::Release);
-            self.run_retries().await;
-            self.write_back().await;
-            self.health.probing.store(false, Ordering::Release);
-            if self.health.failures() != failures {
+            let written = match self.catch_up().await {
+                Ok(written) => written,
                 // Redis failed again mid-way: stay down, try again next tick.
-                continue;
-            }
+                Err(_) => continue,
+            };
+            // Only this loop marks a store that was down up (whether the outage began at
+            // start or later): every recovery is logged and counted.
             if let Some(down_for) = self.health.mark_up() {
                 self.health.recoveries.fetch_add(1, Ordering::Relaxed);
                 info!(
@@ -412,6 +438,31 @@ impl Shared {
         }
     }
 
+    /// With Redis answering again (or at start), and before it is marked up, runs what
+    /// waited for it: cancellations and settlements first (so that admissions which ran late
+    /// are undone before new decisions see the counters), then the outbox. Returns the tokens
+    /// written back, or why Redis failed mid-way.
+    async fn catch_up(&self) -> Result<i64, String> {
+        let written = self.outbox.total();
+        let failures = self.health.failures();
+        self.health.probing.store(true, Ordering::Release);
+        if self.retries_pending() > 0 {
+            self.run_retries().await;
+        }
+        if !self.outbox.is_empty() {
+            self.write_back().await;
+        }
+        self.health.probing.store(false, Ordering::Release);
+        if self.health.failures() != failures {
+            let last = self.health.last.lock().unwrap_or_else(|p| p.into_inner());
+            return Err(last
+                .1
+                .clone()
+                .unwrap_or_else(|| "the shared store failed".into()));
+        }
+        Ok(written - self.outbox.total())
+    }
+
     async fn probe(&self) -> Result<(), String> {
         let Some(conn) = self.conn() else {
             return self.try_connect().await;
@@ -427,7 +478,15 @@ impl Shared {
     /// Writes the outbox's usage into the monthly counters, tenant by tenant, each write once
     /// (its id makes a retry after a timeout harmless).
     async fn write_back(&self) {
-        for (tenant, month, tokens, id) in self.outbox.attempts() {
+        let attempts = match self.outbox.attempts() {
+            Ok(a) => a,
+            Err(e) => {
+                // Unrecorded, a write could count twice after a crash: not sent.
+                warn!(error = %e, "outbox write-back postponed: the embedded store refused it");
+                return;
+            }
+        };
+        for (tenant, month, tokens, id) in attempts {
             let key = self.month_key(&tenant, &month);
             let id_key = self.tenant_key(&tenant, &format!("w:{}:{id}", self.node));
             let Some(gone) = month_gone_ms(&month) else {
@@ -446,9 +505,6 @@ impl Shared {
                 Ok(_) => self.outbox.done(&tenant, &month),
                 Err(_) => break,
             }
-        }
-        if let Err(e) = self.outbox.persist() {
-            warn!(error = %e, "keeping the outbox on disk failed");
         }
     }
 

@@ -143,12 +143,20 @@ return {0, fmt(quota_reserved), month_used, rl, rr, fmt(rs), tl, tr, fmt(ts)}
 
 /// Settles a request: frees its concurrency leases, gives back (or charges) the tokens it
 /// did not use (or used beyond its reservation), and moves the monthly counter by the
-/// difference between what was used and what admission counted.
+/// difference between what was used and what admission counted. The request's record is
+/// replaced by a mark (`s`) that lives for the record time, so that a retry of a settlement
+/// that ran (its answer lost) does nothing.
+///
+/// A settlement whose record expired (it came more than `store.lease` after its admission)
+/// still counts: the reservation is still in the month's counter. Unless the node says it
+/// cannot rule out that an earlier try of it ran and that try's mark expired too (last ARGV
+/// before the levels is 0): then it does nothing and answers -2.
 ///
 /// ARGV: levels, lease id, tokens reserved, tokens used, monthly delta, when the month's
 /// counter may go (unix ms), mode (`settle`, or `cancel`: undo an admission the node gave up
-/// on), record ms; then per level: tokens/minute, max concurrent (0: none).
-/// Returns the month's counter, or -1 when there was nothing (left) to do.
+/// on), record ms, whether a missing record means "never settled" (1) or "cannot tell" (0);
+/// then per level: tokens/minute, max concurrent (0: none).
+/// Returns the month's counter, -1 when there was nothing (left) to do, -2 as above.
 pub const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -160,24 +168,30 @@ local delta = tonumber(ARGV[5])
 local month_gone = tonumber(ARGV[6])
 local mode = ARGV[7]
 local record_ms = tonumber(ARGV[8])
+local missing_is_unsettled = ARGV[9] == '1'
 local record = KEYS[2 * n + 2]
 local held = redis.call('GET', record)
-if not held or held == 'x' then
-  -- Settled already, or never admitted: a cancel leaves a tombstone for a late admission.
-  if mode == 'cancel' and not held then redis.call('SET', record, 'x', 'PX', record_ms) end
-  return -1
+-- Cancelled (or cancelled before it ran), or settled already.
+if held == 'x' or held == 's' then return -1 end
+if not held then
+  if mode == 'cancel' then
+    -- Never admitted (yet): a late admission finds this tombstone and does nothing.
+    redis.call('SET', record, 'x', 'PX', record_ms)
+    return -1
+  end
+  if not missing_is_unsettled then return -2 end
 end
-redis.call('DEL', record)
 if mode == 'cancel' then
   used = 0
   delta = -tonumber(held)
 end
+redis.call('SET', record, 's', 'PX', record_ms)
 local MIN = 60000000
 local function fmt(x) return string.format('%d', x) end
 local function weight(cost, limit) return math.ceil(cost * MIN / limit) end
 for i = 1, n do
-  local tpm = tonumber(ARGV[8 + (i - 1) * 2 + 1])
-  local maxc = tonumber(ARGV[8 + (i - 1) * 2 + 2])
+  local tpm = tonumber(ARGV[9 + (i - 1) * 2 + 1])
+  local maxc = tonumber(ARGV[9 + (i - 1) * 2 + 2])
   if maxc > 0 then redis.call('ZREM', KEYS[2 * i], member) end
   if tpm > 0 and used ~= reserved then
     local h = redis.call('HMGET', KEYS[2 * i - 1], 't', 'tl')
@@ -201,6 +215,12 @@ local month_key = KEYS[2 * n + 1]
 local month_used = tonumber(redis.call('GET', month_key) or '0')
 if delta ~= 0 then
   month_used = redis.call('INCRBY', month_key, fmt(delta))
+  -- Below zero only when the counter was lost (a Redis restarted empty) with requests in
+  -- flight: what they gave back was never in it.
+  if month_used < 0 then
+    redis.call('SET', month_key, '0')
+    month_used = 0
+  end
   redis.call('PEXPIREAT', month_key, fmt(month_gone))
 end
 return month_used
@@ -218,11 +238,44 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return used
 "#;
 
+/// Lifts bans unbanned on this node (see [`super::bans`]), each unless Redis holds a ban of
+/// the range made after the unban (on another node, while this one could not reach Redis),
+/// and leaves a tombstone with the unban's time, so that a node that holds the ban as its own
+/// and missed the unban does not push it back on its next resync.
+///
+/// KEYS: the bans hash, their expiry set, then a tombstone key per range. ARGV: how long
+/// tombstones live (ms), then per range: the range, when it was unbanned (unix ms).
+/// Returns the ranges lifted.
+pub const UNBAN: &str = r#"
+local memory = tonumber(ARGV[1])
+local lifted = {}
+for i = 1, #KEYS - 2 do
+  local range, at = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+  local rec = redis.call('HGET', KEYS[1], range)
+  local newer = false
+  if rec then
+    local ok, r = pcall(cjson.decode, rec)
+    newer = ok and type(r) == 'table' and (tonumber(r.created_ms) or 0) > at
+  end
+  if not newer then
+    redis.call('HDEL', KEYS[1], range)
+    redis.call('ZREM', KEYS[2], range)
+    local prior = tonumber(redis.call('GET', KEYS[2 + i]) or '0') or 0
+    if at > prior then
+      redis.call('SET', KEYS[2 + i], string.format('%d', at), 'PX', memory)
+    end
+    lifted[#lifted + 1] = range
+  end
+end
+return lifted
+"#;
+
 /// The compiled scripts (their SHA1s), shared by every decision.
 pub struct Scripts {
     pub admit: Script,
     pub settle: Script,
     pub add_usage: Script,
+    pub unban: Script,
 }
 
 impl Scripts {
@@ -231,6 +284,7 @@ impl Scripts {
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
             add_usage: Script::new(ADD_USAGE),
+            unban: Script::new(UNBAN),
         }
     }
 }

@@ -5,6 +5,17 @@ use serde::Deserialize;
 
 use crate::config::{ConfigError, invalid};
 
+/// A URL for an error message: without its password, even when it does not parse.
+fn shown_url(u: &str) -> String {
+    if redis::parse_redis_url(u).is_some_and(|url| url.host_str().is_some_and(|h| !h.is_empty())) {
+        return super::redact(u);
+    }
+    match (u.find(':'), u.rfind('@')) {
+        (Some(colon), Some(at)) if at > colon => format!("{}:***@{}", &u[..colon], &u[at + 1..]),
+        _ => u.to_owned(),
+    }
+}
+
 /// Which store holds the shared state.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -118,21 +129,43 @@ impl StoreSettings {
             ));
         }
         for u in &self.urls {
-            let ok = redis::parse_redis_url(u)
-                .is_some_and(|url| matches!(url.scheme(), "redis" | "rediss"));
-            if !ok {
+            let Some(url) = redis::parse_redis_url(u)
+                .filter(|url| matches!(url.scheme(), "redis" | "rediss"))
+                .filter(|url| url.host_str().is_some_and(|h| !h.is_empty()))
+            else {
                 return Err(invalid(
                     "store.urls",
-                    format!("{u:?}"),
+                    format!("{:?}", shown_url(u)),
                     "URLs like \"redis://10.0.0.5:6379/0\" or \"rediss://user:password@host:6380\"",
+                ));
+            };
+            // Redis Cluster has database 0 only.
+            let db = url.path().trim_matches('/');
+            if self.is_cluster() && !db.is_empty() && db != "0" {
+                return Err(invalid(
+                    "store.urls",
+                    format!("{:?}", shown_url(u)),
+                    "no database number but 0 for Redis Cluster seeds (a cluster has database 0 only)",
                 ));
             }
         }
-        if self.prefix.contains(['{', '}', ' ']) || self.prefix.len() > 64 {
+        if self.cluster == Some(false) && self.urls.len() > 1 {
+            return Err(invalid(
+                "store.cluster",
+                "false",
+                "true, or one URL: several URLs are the seeds of one Redis Cluster",
+            ));
+        }
+        if self.prefix.len() > 64
+            || self
+                .prefix
+                .chars()
+                .any(|c| matches!(c, '{' | '}') || c.is_whitespace() || c.is_control())
+        {
             return Err(invalid(
                 "store.prefix",
                 format!("{:?}", self.prefix),
-                "up to 64 characters without braces or spaces (braces are Redis Cluster hash tags)",
+                "up to 64 characters without braces, spaces or control characters (braces are Redis Cluster hash tags)",
             ));
         }
         let ms = |d: Duration| d.as_millis();
@@ -177,5 +210,238 @@ impl StoreSettings {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis(urls: &[&str]) -> StoreSettings {
+        StoreSettings {
+            backend: Backend::Redis,
+            urls: urls.iter().map(|u| (*u).to_owned()).collect(),
+            ..StoreSettings::default()
+        }
+    }
+
+    /// The error `s` is refused with; panics if it is accepted.
+    fn refused(s: &StoreSettings) -> String {
+        match s.validate() {
+            Ok(()) => panic!("accepted: {s:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[track_caller]
+    fn names(s: &StoreSettings, field: &str) -> String {
+        let e = refused(s);
+        assert!(
+            e.contains(&format!("`{field}`")),
+            "the error names {field}: {e}"
+        );
+        e
+    }
+
+    #[test]
+    fn good_settings_pass() {
+        StoreSettings::default().validate().expect("embedded");
+        redis(&["redis://10.0.0.5:6379/0"]).validate().expect("one");
+        redis(&["rediss://user:pw@redis.internal:6380"])
+            .validate()
+            .expect("tls");
+        redis(&["redis://a:7000", "redis://b:7000", "redis://c:7000"])
+            .validate()
+            .expect("cluster seeds");
+        let mut one_seed = redis(&["redis://a:7000/0"]);
+        one_seed.cluster = Some(true);
+        one_seed.validate().expect("one cluster seed, database 0");
+        let mut edges = redis(&["redis://127.0.0.1:6379"]);
+        edges.prefix = "p".repeat(64);
+        edges.decision_timeout = Duration::from_millis(1);
+        edges.connect_timeout = Duration::from_secs(60);
+        edges.retry_interval = Duration::from_millis(10);
+        edges.lease = Duration::from_secs(1);
+        edges.nodes = 10_000;
+        edges.node_name = Some("node-a.eu_1".into());
+        edges.validate().expect("every bound included");
+        let mut no_prefix = redis(&["redis://127.0.0.1:6379"]);
+        no_prefix.prefix = String::new();
+        no_prefix
+            .validate()
+            .expect("a dedicated Redis needs no prefix");
+    }
+
+    #[test]
+    fn urls_must_match_the_backend() {
+        let mut embedded = redis(&["redis://127.0.0.1:6379"]);
+        embedded.backend = Backend::Embedded;
+        let e = names(&embedded, "store.urls");
+        assert!(e.contains("backend = \"redis\""), "{e}");
+        let e = names(&redis(&[]), "store.urls");
+        assert!(e.contains("at least one"), "{e}");
+    }
+
+    #[test]
+    fn urls_need_a_redis_scheme_and_a_host() {
+        for bad in [
+            "http://10.0.0.5:6379",
+            "unix:///run/redis.sock",
+            "redis+unix:///run/redis.sock",
+            "valkey://10.0.0.5:6379",
+            "10.0.0.5:6379",
+            "redis://",
+            "",
+        ] {
+            let e = names(&redis(&[bad]), "store.urls");
+            assert!(e.contains(&format!("{bad:?}")), "names the bad URL: {e}");
+        }
+        // One bad URL among good ones is named.
+        let e = names(
+            &redis(&["redis://a:7000", "redis//b:7000", "redis://c:7000"]),
+            "store.urls",
+        );
+        assert!(e.contains("redis//b:7000"), "{e}");
+    }
+
+    #[test]
+    fn a_refused_url_does_not_show_its_password() {
+        for bad in [
+            "http://admin:s3cret@10.0.0.5:6379",
+            "redis:/admin:s3cret@10.0.0.5",
+            "redis://admin:s3cret@/0",
+        ] {
+            let e = names(&redis(&[bad]), "store.urls");
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        let mut cluster_db = redis(&["rediss://admin:s3cret@a:7000/2", "rediss://b:7000"]);
+        cluster_db.cluster = Some(true);
+        let e = names(&cluster_db, "store.urls");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn cluster_seeds_take_database_0_only() {
+        let e = names(
+            &redis(&["redis://a:7000/3", "redis://b:7000"]),
+            "store.urls",
+        );
+        assert!(e.contains("database 0"), "{e}");
+        let mut one = redis(&["redis://a:7000/1"]);
+        one.cluster = Some(true);
+        names(&one, "store.urls");
+        // A single Redis may use any database.
+        redis(&["redis://a:6379/5"]).validate().expect("db 5");
+    }
+
+    #[test]
+    fn several_urls_are_a_cluster() {
+        let mut s = redis(&["redis://a:6379", "redis://b:6379"]);
+        s.cluster = Some(false);
+        let e = names(&s, "store.cluster");
+        assert!(e.contains("seeds"), "{e}");
+    }
+
+    #[test]
+    fn the_prefix_has_no_hash_tags_spaces_or_control_characters() {
+        for bad in [
+            "aiguard:{prod}:",
+            "a}b",
+            "aiguard prod:",
+            "aiguard\tprod:",
+            "aiguard:\n",
+            "aiguard\u{7f}",
+            &"p".repeat(65),
+        ] {
+            let mut s = redis(&["redis://127.0.0.1:6379"]);
+            s.prefix = bad.to_owned();
+            names(&s, "store.prefix");
+        }
+    }
+
+    #[test]
+    fn timeouts_lease_and_intervals_are_bounded() {
+        type Set = fn(&mut StoreSettings, Duration);
+        let cases: [(&str, Set, &[Duration]); 4] = [
+            (
+                "store.decision_timeout",
+                |s, d| s.decision_timeout = d,
+                &[
+                    Duration::ZERO,
+                    Duration::from_micros(500),
+                    Duration::from_millis(10_001),
+                ],
+            ),
+            (
+                "store.connect_timeout",
+                |s, d| s.connect_timeout = d,
+                &[Duration::ZERO, Duration::from_secs(61)],
+            ),
+            (
+                "store.retry_interval",
+                |s, d| s.retry_interval = d,
+                &[
+                    Duration::ZERO,
+                    Duration::from_millis(9),
+                    Duration::from_secs(61),
+                ],
+            ),
+            (
+                "store.lease",
+                |s, d| s.lease = d,
+                &[
+                    Duration::ZERO,
+                    Duration::from_millis(999),
+                    Duration::from_secs(24 * 3600 + 1),
+                ],
+            ),
+        ];
+        for (field, set, bad) in cases {
+            for d in bad {
+                let mut s = redis(&["redis://127.0.0.1:6379"]);
+                set(&mut s, *d);
+                let e = names(&s, field);
+                assert!(e.contains(&format!("{d:?}")), "names the value: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn nodes_and_the_node_name_are_checked() {
+        for n in [0, 10_001] {
+            let mut s = redis(&["redis://127.0.0.1:6379"]);
+            s.nodes = n;
+            names(&s, "store.nodes");
+        }
+        for bad in ["", "node a", "node:a", "nöde", &"n".repeat(65)] {
+            let mut s = redis(&["redis://127.0.0.1:6379"]);
+            s.node_name = Some(bad.to_owned());
+            names(&s, "store.node_name");
+        }
+    }
+
+    #[test]
+    fn a_config_file_is_checked_the_same_way() {
+        let from = |toml: &str| {
+            crate::config::Config::from_toml(toml, std::path::Path::new("aiguard.toml"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        from("[store]\nbackend = \"redis\"\nurls = [\"redis://127.0.0.1:6379\"]\n")
+            .expect("a good section");
+        let e = from("[store]\nbackend = \"redis\"\n").unwrap_err();
+        assert!(e.contains("`store.urls`"), "{e}");
+        let e = from(
+            "[store]\nbackend = \"redis\"\nurls = [\"redis://h\"]\ndecision_timeout = \"0s\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("`store.decision_timeout`"), "{e}");
+        let e = from("[store]\nbackend = \"redis\"\nurls = [\"redis://h\"]\nlease = \"soon\"\n")
+            .unwrap_err();
+        assert!(e.contains("lease"), "{e}");
+        let e = from("[store]\nbackend = \"memcached\"\n").unwrap_err();
+        assert!(e.contains("memcached"), "{e}");
+        let e = from("[store]\nbackend = \"redis\"\nurl = \"redis://h\"\n").unwrap_err();
+        assert!(e.contains("unknown field `url`"), "{e}");
     }
 }
