@@ -23,6 +23,10 @@
 //! syn_only = false         # only new TCP connections take a token
 //! ipv4_prefix = 32
 //! ipv6_prefix = 64
+//!
+//! [metrics]                # Prometheus /metrics
+//! enabled = true
+//! listen = "127.0.0.1:9464"  # loopback: tenant names are not for everyone
 //! ```
 //!
 //! The gateway's sections (`[gateway]`, `[tiers.*]`, `[tenants.*]`, `[prices.*]`) are
@@ -72,6 +76,7 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantSettings>,
     pub prices: BTreeMap<String, Price>,
     pub store: StoreSettings,
+    pub metrics: MetricsSettings,
 }
 
 /// Where the daemon keeps its socket, state and pins.
@@ -101,6 +106,49 @@ impl Default for DaemonSettings {
 
 /// Default admin socket path, shared with the CLI.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/aiguard/admin.sock";
+
+/// Default address of the `/metrics` endpoint: loopback, Prometheus' port range (9464 is the
+/// one OpenTelemetry's Prometheus exporter made conventional).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve `/metrics` at all.
+    pub enabled: bool,
+    /// `IP:port` to serve it on. Loopback by default: the page names tenants. When the default
+    /// address is taken (a second daemon on the host), the daemon runs without metrics and says
+    /// so; an address set explicitly that cannot be bound stops start-up.
+    pub listen: String,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: DEFAULT_METRICS_LISTEN.into(),
+        }
+    }
+}
+
+impl MetricsSettings {
+    /// The validated listen address, or `None` when metrics are off.
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.enabled.then(|| self.listen.parse().ok()).flatten()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics.listen",
+                format!("{:?}", self.listen),
+                "an IP address and port, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// How the XDP program is attached.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -337,6 +385,7 @@ impl Config {
         }
         self.gateway.validate()?;
         self.store.validate()?;
+        self.metrics.validate()?;
         self.tier_table().validate()?;
         Ok(())
     }
@@ -451,6 +500,37 @@ mod tests {
             k.flags,
             aiguard_common::CFG_RATE_LIMIT | aiguard_common::CFG_SYN_ONLY
         );
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_by_default_and_a_bad_address_is_named() {
+        let c = parse("").expect("empty config");
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        let c = parse("[metrics]\nenabled = false\n").expect("valid");
+        assert_eq!(c.metrics.listen_addr(), None);
+        let c = parse("[metrics]\nlisten = \"[::1]:9100\"\n").expect("valid");
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Some("[::1]:9100".parse().expect("addr"))
+        );
+        for bad in ["localhost:9464", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let err = parse(&format!("[metrics]\nlisten = {bad:?}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "config field `metrics.listen` = {bad:?} is invalid: expected an IP address and port, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\""
+                )
+            );
+        }
+        let err = parse("[metrics]\nport = 1\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(err.contains("port"), "{err}");
     }
 
     #[test]

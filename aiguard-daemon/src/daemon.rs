@@ -66,6 +66,9 @@ pub fn reload(node: &mut Node) -> Result<Vec<String>, String> {
     if new.daemon != node.config.daemon {
         needs_restart.push("daemon".to_owned());
     }
+    if new.metrics != node.config.metrics {
+        needs_restart.push("metrics".to_owned());
+    }
     if new.gateway.is_enabled() != node.config.gateway.is_enabled() {
         needs_restart.push("gateway (enabling or disabling it)".to_owned());
     }
@@ -76,6 +79,7 @@ pub fn reload(node: &mut Node) -> Result<Vec<String>, String> {
     let mut applied = new;
     applied.xdp = node.config.xdp.clone();
     applied.daemon = node.config.daemon.clone();
+    applied.metrics = node.config.metrics.clone();
     node.config = applied;
     info!(?needs_restart, "configuration reloaded");
     Ok(needs_restart)
@@ -105,6 +109,8 @@ pub enum StartError {
     Listen(#[source] std::io::Error),
     #[error("shared store: {0}")]
     Shared(String),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -172,6 +178,7 @@ async fn serve(
     } else {
         None
     };
+    let metrics_listener = bind_metrics(&config.metrics).await?;
     let mut dataplane = Dataplane::load(&config.daemon.bpffs_dir, config.xdp.max_bans)?;
     // Fill the maps before the program goes onto the interfaces: a freshly loaded program is
     // swapped into a pinned link at once, and it must not run against empty tables meanwhile.
@@ -228,6 +235,29 @@ async fn serve(
         reload: reload_source,
         shared: shared.clone(),
     }));
+    let metrics_task = match metrics_listener {
+        Some(listener) => {
+            let mut exporter = crate::metrics::Exporter::new()?;
+            let gw = node
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .gateway
+                .clone();
+            if let Some(gw) = gw {
+                exporter = exporter.with_gateway(gw)?;
+            }
+            let exporter = exporter.with_node(node.clone())?;
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "metrics at http://{addr}/metrics");
+            }
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(exporter),
+                shutdown_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let replication = shared.map(|s| {
         tokio::spawn(crate::shared::bans::replicate(
             s,
@@ -278,6 +308,9 @@ async fn serve(
     if let Some(t) = gateway_task {
         let _ = t.await;
     }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     let _ = flusher.await;
     if let Some(t) = replication {
         let _ = t.await;
@@ -306,6 +339,36 @@ async fn serve(
         );
     }
     Ok(())
+}
+
+/// Binds the metrics listener, if metrics are on. The default address being taken (a second
+/// daemon on this host) costs this daemon its metrics, not its start; an address that was asked
+/// for must be had.
+async fn bind_metrics(
+    settings: &crate::config::MetricsSettings,
+) -> Result<Option<tokio::net::TcpListener>, StartError> {
+    let Some(addr) = settings.listen_addr() else {
+        return Ok(None);
+    };
+    match crate::metrics::bind(addr).await {
+        Ok(l) => {
+            if !addr.ip().is_loopback() {
+                warn!(%addr, "metrics listen beyond loopback: the page names tenants and tiers");
+            }
+            Ok(Some(l))
+        }
+        Err(crate::metrics::MetricsError::Bind { source, .. })
+            if settings.listen == crate::config::DEFAULT_METRICS_LISTEN
+                && matches!(
+                    source.kind(),
+                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                ) =>
+        {
+            warn!(%addr, error = %source, "metrics are off: the default metrics address is not available (set metrics.listen, or --metrics-listen)");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn sweep_expired(
@@ -367,5 +430,41 @@ async fn forward_ebpf_logs(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DEFAULT_METRICS_LISTEN, MetricsSettings};
+
+    #[tokio::test]
+    async fn a_taken_metrics_address_stops_start_up_unless_it_is_the_default() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let asked = MetricsSettings {
+            enabled: true,
+            listen: taken.local_addr().expect("addr").to_string(),
+        };
+        let err = bind_metrics(&asked).await.expect_err("the port is taken");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("metrics cannot listen on {}", asked.listen)),
+            "{err}"
+        );
+        // The default address: taken here or by another daemon on this host, either way this
+        // daemon runs, without metrics.
+        let _held = std::net::TcpListener::bind(DEFAULT_METRICS_LISTEN);
+        let default = MetricsSettings::default();
+        assert!(
+            bind_metrics(&default)
+                .await
+                .expect("the default address taken is not fatal")
+                .is_none()
+        );
+        let off = MetricsSettings {
+            enabled: false,
+            ..MetricsSettings::default()
+        };
+        assert!(bind_metrics(&off).await.expect("off").is_none());
     }
 }

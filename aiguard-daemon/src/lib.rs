@@ -18,6 +18,8 @@
 //! - [`usage`]: the usage ledger (journal + store), per day, tenant, key and model.
 //! - [`shared`]: the shared store (Redis): limits, quotas and bans of many nodes as one.
 //! - [`gateway`]: the reverse proxy in front of the inference server.
+//! - [`metrics`]: the Prometheus `/metrics` endpoint: XDP verdicts, bans, gateway outcomes,
+//!   tokens, quotas, store health.
 //! - [`cli`]: the `aiguard` command line.
 pub mod admin;
 pub mod bans;
@@ -28,6 +30,7 @@ pub mod dataplane;
 pub mod gateway;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod range;
 pub mod shared;
 pub mod store;

@@ -52,11 +52,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "redis-tools",
         "redis-cli (cluster forming, assertions on stored keys) and the server binary itself",
     ),
+    (
+        "prometheus",
+        "promtool (alert rules checked and unit-tested) and the Prometheus the metrics test scrapes with",
+    ),
 ];
 
 /// Debian's policy hook: while it exits 101, package scripts start no services (nginx's would
-/// otherwise take port 80 on the build machine, redis-server's port 6379; the tests start their
-/// own redis-server on free ports).
+/// otherwise take port 80 on the build machine, redis-server's port 6379, prometheus' 9090; the
+/// tests start their own redis-server and prometheus on free ports).
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -134,6 +134,12 @@ pub struct RunArgs {
     /// Shared store: this node's name in ban origins and leases (store.node_name).
     #[arg(long = "node-name", value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Prometheus /metrics on IP:PORT (metrics.listen) [default: 127.0.0.1:9464].
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Serve no /metrics (metrics.enabled = false).
+    #[arg(long, conflicts_with = "metrics_listen")]
+    pub no_metrics: bool,
 }
 
 /// `aiguard ban`.
@@ -228,6 +234,13 @@ impl RunArgs {
         }
         if let Some(n) = &self.node_name {
             c.store.node_name = Some(n.clone());
+        }
+        if let Some(a) = &self.metrics_listen {
+            c.metrics.enabled = true;
+            c.metrics.listen = a.clone();
+        }
+        if self.no_metrics {
+            c.metrics.enabled = false;
         }
         c.validate()?;
         Ok(c)
@@ -653,6 +666,32 @@ mod tests {
         assert_eq!(c.daemon.admin_socket, Path::new("/tmp/file.sock"));
         let c = args.resolve(Some(Path::new("/tmp/flag.sock"))).unwrap();
         assert_eq!(c.daemon.admin_socket, Path::new("/tmp/flag.sock"));
+    }
+
+    #[test]
+    fn metrics_flags_set_the_address_or_turn_metrics_off() {
+        let with = |args: RunArgs| args.resolve(None);
+        let c = with(RunArgs {
+            metrics_listen: Some("127.0.0.1:0".into()),
+            ..RunArgs::default()
+        })
+        .expect("valid");
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Some("127.0.0.1:0".parse().expect("addr"))
+        );
+        let c = with(RunArgs {
+            no_metrics: true,
+            ..RunArgs::default()
+        })
+        .expect("valid");
+        assert_eq!(c.metrics.listen_addr(), None);
+        let err = with(RunArgs {
+            metrics_listen: Some("localhost:9464".into()),
+            ..RunArgs::default()
+        })
+        .expect_err("not an IP address");
+        assert!(err.to_string().contains("`metrics.listen`"), "{err}");
     }
 
     #[test]

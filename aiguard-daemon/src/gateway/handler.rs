@@ -20,6 +20,7 @@ use super::{
 use crate::{
     keys::LiveKey,
     limits::{Demand, Denial},
+    metrics::{Outcome, gateway::NO_TIER},
     tiers::ClientAddressSource,
     tokens,
     usage::Today,
@@ -371,6 +372,7 @@ async fn proxy(
     let s = &policy.settings;
     if matches!(req.method(), &http::Method::CONNECT | &http::Method::TRACE) {
         gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        gw.metrics.count(NO_TIER, Outcome::BadRequest);
         let mut r = answers::error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not served by this API.", req.method()),
@@ -393,10 +395,12 @@ async fn proxy(
     let key: LiveKey = match presented_key(req.headers()) {
         Err(why) => {
             gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            gw.metrics.count(NO_TIER, Outcome::BadRequest);
             return Err(answers::unauthorized(why));
         }
         Ok(None) => {
             gw.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            gw.metrics.count(NO_TIER, Outcome::Unauthorized);
             return Err(answers::unauthorized(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
             ));
@@ -405,6 +409,7 @@ async fn proxy(
             Some(k) => k,
             None => {
                 gw.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+                gw.metrics.count(NO_TIER, Outcome::Unauthorized);
                 debug!(client = %client_ip, "unknown or revoked API key");
                 return Err(answers::unauthorized(
                     "Incorrect API key provided. Check the key, or ask your administrator for a new one.",
@@ -413,10 +418,17 @@ async fn proxy(
         },
     };
     let tenant_policy = policy.tiers.policy(&key.tenant, &key.tier);
+    // The tier as configured: a key whose tier is gone is served (and counted) in the default.
+    let tier_label: &str = if policy.tiers.has_tier(&key.tier) {
+        &key.tier
+    } else {
+        &policy.tiers.default_tier
+    };
     // A request refused before admission still tells the client where its limits stand, as
     // OpenAI's answers do (in memory only: with a shared store that takes a round trip).
     let refused = |mut r: Response<Body>| {
         gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        gw.metrics.count(tier_label, Outcome::BadRequest);
         if gw.decider.shared().is_none() {
             let rate = gw.limiter.peek(&key.tenant, &key.id, &tenant_policy, None);
             answers::rate_headers(r.headers_mut(), &rate);
@@ -455,21 +467,24 @@ async fn proxy(
     let admission = match gw.decider.admit(&gw.limiter, &demand, on_failure).await {
         Ok(a) => a,
         Err(Refusal::Denied(denial, rate)) => {
-            let counter = match denial {
-                Denial::Quota { .. } => &gw.counters.quota_exceeded,
-                _ => &gw.counters.rate_limited,
+            let (counter, outcome) = match denial {
+                Denial::Quota { .. } => (&gw.counters.quota_exceeded, Outcome::QuotaExceeded),
+                _ => (&gw.counters.rate_limited, Outcome::RateLimited),
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            gw.metrics.count(tier_label, outcome);
             return Err(answers::denied(&denial, &rate));
         }
         Err(Refusal::StoreUnavailable { retry_after }) => {
             gw.counters
                 .store_unavailable
                 .fetch_add(1, Ordering::Relaxed);
+            gw.metrics.count(tier_label, Outcome::StoreUnavailable);
             return Err(answers::store_unavailable(retry_after));
         }
     };
     gw.counters.allowed.fetch_add(1, Ordering::Relaxed);
+    let in_flight = gw.metrics.in_flight();
 
     // The upstream request: the client's, minus connection and identity headers.
     let mut headers = parts.headers;
@@ -536,13 +551,18 @@ async fn proxy(
         key_id: key.id.clone(),
         model: inspected.model.clone().unwrap_or_else(|| "-".into()),
         prompt_estimate: inspected.prompt_tokens,
+        tokens: gw.metrics.tier_tokens(tier_label),
+        _in_flight: in_flight,
     };
 
+    let sent_at = std::time::Instant::now();
     let sent = tokio::time::timeout(s.upstream_response_timeout, gw.client.request(up)).await;
+    gw.metrics.observe_upstream(sent_at);
     let response = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             gw.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            gw.metrics.count(tier_label, Outcome::UpstreamError);
             warn!(error = %e, "upstream request failed");
             let rate = admission.headers();
             settlement.settle_without_response(admission);
@@ -559,6 +579,7 @@ async fn proxy(
         }
         Err(_) => {
             gw.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            gw.metrics.count(tier_label, Outcome::UpstreamError);
             warn!(timeout = ?s.upstream_response_timeout, "upstream did not answer in time");
             // The upstream may have worked on it: the reservation stays charged.
             let rate = admission.headers();
@@ -582,6 +603,9 @@ async fn proxy(
     answers::rate_headers(&mut parts.headers, &admission.headers());
     if parts.status.is_server_error() {
         gw.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        gw.metrics.count(tier_label, Outcome::UpstreamError);
+    } else {
+        gw.metrics.count(tier_label, Outcome::Allowed);
     }
     let kind = if !parts.status.is_success() {
         ResponseKind::Failed

@@ -55,12 +55,18 @@ pub struct Settlement {
     pub key_id: Arc<str>,
     pub model: String,
     pub prompt_estimate: u64,
+    /// The tier's token counters (`/metrics`).
+    pub tokens: crate::metrics::gateway::TierTokens,
+    /// Counts the request as in flight until it is settled and its body dropped.
+    pub _in_flight: crate::metrics::gateway::InFlight,
 }
 
 impl Settlement {
     /// Settles and records a request; `prompt` and `completion` are what it used.
     fn settle(&self, admission: Ticket, prompt: u64, completion: u64) {
         admission.settle(prompt + completion);
+        self.tokens.prompt.inc_by(prompt);
+        self.tokens.completion.inc_by(completion);
         let record = UsageRecord {
             day: Today::now().day(),
             tenant: self.tenant.to_string(),

@@ -101,6 +101,8 @@ pub struct Gateway {
     client: Client<HttpConnector, Full<Bytes>>,
     next_upstream: AtomicUsize,
     pub counters: Counters,
+    /// Requests and tokens by tier, in-flight requests, upstream latency (`/metrics`).
+    pub metrics: crate::metrics::GatewayMetrics,
 }
 
 impl Gateway {
@@ -132,7 +134,10 @@ impl Gateway {
                 limiter.preload_month(&tenant, today.month_index(), used);
             }
         }
+        let metrics =
+            crate::metrics::GatewayMetrics::new(policy.tiers.tiers.keys().map(String::as_str));
         Ok(Self {
+            metrics,
             policy: RwLock::new(Arc::new(policy)),
             keys,
             limiter,
@@ -157,6 +162,8 @@ impl Gateway {
     /// change, if anything did.
     pub fn reload(&self, config: &Config) -> Vec<String> {
         let new = Policy::from_config(config);
+        self.metrics
+            .add_tiers(new.tiers.tiers.keys().map(String::as_str));
         let mut needs_restart = Vec::new();
         let mut slot = self.policy.write().unwrap_or_else(|p| p.into_inner());
         let old = &slot.settings;
