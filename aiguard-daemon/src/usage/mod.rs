@@ -2,20 +2,24 @@
 //! completion tokens), and each tenant's monthly token total, kept so that a crash loses none
 //! of it.
 //!
-//! Each settled request is appended to a journal file with one `write(2)` before its usage
-//! counts anywhere else: the page cache keeps it through a SIGKILL of the daemon. A flusher
+//! Each settled request is appended to a journal segment (a shared file mapping, see
+//! [`journal`]) before its usage counts anywhere else: the page cache keeps it through a
+//! SIGKILL of the daemon. A flusher
 //! moves the journal into the store (one redb transaction per interval, which also records the
 //! journal generation it applied) and deletes the file; on start-up, journals newer than the
 //! last applied generation are replayed. So a record is in the store exactly once, whenever
 //! the daemon dies.
+mod journal;
+
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::{self, File, OpenOptions},
-    io::{BufRead as _, BufReader, Write as _},
+    fs,
     path::{Path, PathBuf},
     sync::Mutex,
     time::Duration,
 };
+
+use journal::Segment;
 
 use redb::{ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -167,11 +171,12 @@ pub enum LedgerError {
 type Batch = HashMap<String, (UsageRecord, Counts)>;
 
 struct Journal {
-    file: File,
-    generation: u64,
+    segment: Segment,
+    /// The oldest segment whose records are not in the store yet.
+    first_unflushed: u64,
     pending: Batch,
-    /// A batch whose commit failed: retried before the next one is taken.
-    retry: Option<(u64, Batch)>,
+    /// A batch (of segments `first..=last`) whose commit failed: retried before the next one.
+    retry: Option<(u64, u64, Batch)>,
 }
 
 /// The usage ledger.
@@ -181,10 +186,6 @@ pub struct Ledger {
     journal: Mutex<Journal>,
     /// One flush at a time (the flusher task and `aiguard usage`).
     flushing: Mutex<()>,
-}
-
-fn journal_path(dir: &Path, generation: u64) -> PathBuf {
-    dir.join(format!("{generation:020}.log"))
 }
 
 fn journal_err(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
@@ -228,13 +229,12 @@ impl Ledger {
         let mut report = ReplayReport::default();
         let mut batch = Batch::new();
         for &g in generations.iter().filter(|g| **g > applied) {
-            let path = journal_path(dir, g);
-            let file = File::open(&path).map_err(journal_err(&path))?;
-            for line in BufReader::new(file).lines() {
-                let line = line.map_err(journal_err(&path))?;
-                // A torn last line (the daemon died inside write) is skipped: its request never
-                // finished settling.
-                match serde_json::from_str::<UsageRecord>(&line) {
+            let path = journal::path(dir, g);
+            let bytes = journal::read(&path).map_err(journal_err(&path))?;
+            for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                // A torn last line (the daemon died while copying it) is skipped: its request
+                // never finished settling.
+                match serde_json::from_slice::<UsageRecord>(line) {
                     Ok(r) => {
                         report.records += 1;
                         merge(&mut batch, r);
@@ -248,19 +248,19 @@ impl Ledger {
             commit(&store, &batch, last)?;
         }
         for g in generations {
-            let path = journal_path(dir, g);
+            let path = journal::path(dir, g);
             fs::remove_file(&path).map_err(journal_err(&path))?;
         }
         let generation = last + 1;
-        let path = journal_path(dir, generation);
-        let file = open_journal(&path)?;
+        let segment = Segment::create(dir, generation)
+            .map_err(journal_err(&journal::path(dir, generation)))?;
         Ok((
             Self {
                 store,
                 dir: dir.to_owned(),
                 journal: Mutex::new(Journal {
-                    file,
-                    generation,
+                    segment,
+                    first_unflushed: generation,
                     pending: Batch::new(),
                     retry: None,
                 }),
@@ -274,10 +274,20 @@ impl Ledger {
     pub fn record(&self, record: UsageRecord) -> Result<(), LedgerError> {
         let mut line = serde_json::to_vec(&record).expect("usage records serialize");
         line.push(b'\n');
-        // A std mutex: one small write(2), never an await.
+        // A std mutex: a copy into the mapping, never an await.
         let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        let path = journal_path(&self.dir, j.generation);
-        j.file.write_all(&line).map_err(journal_err(&path))?;
+        if !j.segment.append(&line) {
+            // Full: the next segment; the flusher commits every segment up to the current one.
+            let next = j.segment.generation + 1;
+            j.segment = Segment::create(&self.dir, next)
+                .map_err(journal_err(&journal::path(&self.dir, next)))?;
+            if !j.segment.append(&line) {
+                return Err(LedgerError::Journal {
+                    path: j.segment.path.clone(),
+                    source: std::io::Error::other("a usage record larger than a journal segment"),
+                });
+            }
+        }
         merge(&mut j.pending, record);
         Ok(())
     }
@@ -285,7 +295,7 @@ impl Ledger {
     /// Moves the journal's records into the store. Returns how many rows it wrote.
     pub fn flush(&self) -> Result<usize, LedgerError> {
         let _one = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let (generation, batch) = {
+        let (first, last, batch) = {
             let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(retry) = j.retry.take() {
                 retry
@@ -293,22 +303,23 @@ impl Ledger {
                 if j.pending.is_empty() {
                     return Ok(0);
                 }
-                let old = j.generation;
-                let path = journal_path(&self.dir, old + 1);
-                j.file = open_journal(&path)?;
-                j.generation = old + 1;
-                (old, std::mem::take(&mut j.pending))
+                let last = j.segment.generation;
+                j.segment = Segment::create(&self.dir, last + 1)
+                    .map_err(journal_err(&journal::path(&self.dir, last + 1)))?;
+                let first = std::mem::replace(&mut j.first_unflushed, last + 1);
+                (first, last, std::mem::take(&mut j.pending))
             }
         };
-        match commit(&self.store, &batch, generation) {
+        match commit(&self.store, &batch, last) {
             Ok(()) => {
-                let path = journal_path(&self.dir, generation);
-                let _ = fs::remove_file(&path);
+                for g in first..=last {
+                    let _ = fs::remove_file(journal::path(&self.dir, g));
+                }
                 Ok(batch.len())
             }
             Err(e) => {
                 self.journal.lock().unwrap_or_else(|p| p.into_inner()).retry =
-                    Some((generation, batch));
+                    Some((first, last, batch));
                 Err(e.into())
             }
         }
@@ -383,14 +394,6 @@ pub struct ReplayReport {
     pub torn_lines: u64,
 }
 
-fn open_journal(path: &Path) -> Result<File, LedgerError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(journal_err(path))
-}
-
 fn merge(batch: &mut Batch, r: UsageRecord) {
     let counts = r.counts;
     batch
@@ -461,7 +464,7 @@ mod tests {
                 .expect("record");
             // Dropped without a flush: as if killed. A torn line follows.
             let mut j = ledger.journal.lock().expect("lock");
-            j.file.write_all(b"{\"day\":\"2026-").expect("torn write");
+            assert!(j.segment.append(b"{\"day\":\"2026-"), "torn write");
         }
         let store = Store::open(&state).expect("store");
         let (ledger, report) = Ledger::open(store, &journal).expect("ledger");
@@ -489,6 +492,47 @@ mod tests {
             17
         );
         assert!(ledger.report("2026-11", None).expect("report").is_empty());
+    }
+
+    #[test]
+    fn a_full_segment_rolls_over_and_every_segment_is_replayed_or_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let journal = dir.path().join("journal");
+        let line = serde_json::to_vec(&rec("2026-12-01", "acme", 1, 1)).expect("json");
+        // Enough records for more than two segments.
+        let n = (2 * journal::SEGMENT_BYTES / (line.len() + 1) + 100) as u64;
+        {
+            let (ledger, _) =
+                Ledger::open(Store::open(&state).expect("store"), &journal).expect("ledger");
+            for _ in 0..n {
+                ledger
+                    .record(rec("2026-12-01", "acme", 1, 1))
+                    .expect("record");
+            }
+            assert!(ledger.journal.lock().expect("lock").segment.generation >= 3);
+            // Killed before any flush: every segment must be replayed.
+        }
+        let (ledger, report) =
+            Ledger::open(Store::open(&state).expect("store"), &journal).expect("ledger");
+        assert_eq!(report.records, n);
+        assert_eq!(
+            ledger.monthly_totals("2026-12").expect("totals")["acme"],
+            2 * n
+        );
+        // Rolled over again, then flushed: one commit takes every segment, and removes them.
+        for _ in 0..n {
+            ledger
+                .record(rec("2026-12-02", "acme", 1, 0))
+                .expect("record");
+        }
+        ledger.flush().expect("flush");
+        assert_eq!(
+            ledger.monthly_totals("2026-12").expect("totals")["acme"],
+            3 * n
+        );
+        let files = fs::read_dir(&journal).expect("dir").count();
+        assert_eq!(files, 1, "only the segment being written is left");
     }
 
     #[test]
