@@ -69,6 +69,10 @@ pub fn reload(node: &mut Node) -> Result<Vec<String>, String> {
     if new.metrics != node.config.metrics {
         needs_restart.push("metrics".to_owned());
     }
+    // The shared store's connections (URLs, TLS files, prefix) are made at start.
+    if new.store != node.config.store {
+        needs_restart.push("store".to_owned());
+    }
     if new.gateway.is_enabled() != node.config.gateway.is_enabled() {
         needs_restart.push("gateway (enabling or disabling it)".to_owned());
     }
@@ -80,6 +84,7 @@ pub fn reload(node: &mut Node) -> Result<Vec<String>, String> {
     applied.xdp = node.config.xdp.clone();
     applied.daemon = node.config.daemon.clone();
     applied.metrics = node.config.metrics.clone();
+    applied.store = node.config.store.clone();
     node.config = applied;
     info!(?needs_restart, "configuration reloaded");
     Ok(needs_restart)

@@ -1,10 +1,10 @@
-//! A real `redis-server` as a child process on loopback, alone or as a Redis Cluster, for the
-//! tests where several daemons share limits, quotas and bans; and `redis-cli` to look at what
-//! they stored.
+//! A real `redis-server` as a child process on loopback, alone or as a Redis Cluster, plain or
+//! over TLS, for the tests where several daemons share limits, quotas and bans; `redis-cli` to
+//! look at what they stored; and a private CA (made with the `openssl` CLI) for the TLS ones.
 //!
 //! Every server gets free ports and a private directory, persists nothing, and is stopped by
 //! PID. Debian ships `redis-server` and `redis-cli` in `redis-tools` (the `redis-server` package
-//! adds the service around it); `cargo xtask setup` installs both.
+//! adds the service around it), built with TLS; `cargo xtask setup` installs both.
 use std::{
     fs::{self, OpenOptions},
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -25,6 +25,7 @@ use crate::daemon::output_within;
 
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 const REDIS_CLI: &str = "/usr/bin/redis-cli";
+const OPENSSL: &str = "/usr/bin/openssl";
 
 /// How long a started server may take to answer on its port.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +38,8 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a restart may wait for its port to be free again.
 const RESTART_PORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one `openssl` command may take.
+const OPENSSL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many fresh ports a start tries when another process takes the one it picked.
 const PORT_ATTEMPTS: u32 = 10;
 /// Redis Cluster's hash slots.
@@ -63,6 +66,204 @@ pub fn redis_available() -> bool {
     false
 }
 
+/// TLS tests also need `openssl`, to make their CA and certificates. Under `CI=true` a missing
+/// tool fails the test; elsewhere the test says loudly that it did not run and returns `false`.
+#[must_use]
+pub fn tls_available() -> bool {
+    if !redis_available() {
+        return false;
+    }
+    if Path::new(OPENSSL).is_file() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("this test needs {OPENSSL} and CI=true: refusing to skip (apt-get install openssl)");
+    }
+    eprintln!("NOT RUN: this test needs {OPENSSL} (apt-get install openssl)");
+    false
+}
+
+/// A private certificate authority in its own directory (removed on drop), made with the
+/// `openssl` CLI: EC P-256 keys, certificates valid two days.
+pub struct TestCa {
+    cert: PathBuf,
+    key: PathBuf,
+    /// openssl's extension sections, for the CA and what it signs.
+    extensions: PathBuf,
+    issued: std::cell::Cell<u32>,
+    dir: TempDir,
+}
+
+/// A certificate [`TestCa`] signed, and its (unencrypted PKCS#8) key.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+const EXTENSIONS: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+# Cluster nodes present theirs as clients of each other, and redis-cli here uses it too.
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+
+impl TestCa {
+    /// A new self-signed CA whose subject is `CN=<name>`.
+    pub fn create(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("aiguard-ca-")
+            .tempdir()
+            .expect("creating a directory for a test CA");
+        let extensions = dir.path().join("openssl.cnf");
+        fs::write(&extensions, EXTENSIONS).expect("writing openssl.cnf");
+        let ca = Self {
+            cert: dir.path().join("ca.pem"),
+            key: dir.path().join("ca.key"),
+            extensions,
+            issued: std::cell::Cell::new(0),
+            dir,
+        };
+        let mut cmd = Command::new(OPENSSL);
+        cmd.args(["req", "-x509", "-config"])
+            .arg(&ca.extensions)
+            .args(["-extensions", "ca"])
+            .args([
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .arg("-keyout")
+            .arg(&ca.key)
+            .arg("-out")
+            .arg(&ca.cert)
+            .args(["-days", "2", "-subj"])
+            .arg(format!("/CN={name}"));
+        openssl(cmd);
+        ca
+    }
+
+    /// The CA's certificate (PEM): what a client or server that trusts this CA is given.
+    pub fn cert(&self) -> &Path {
+        &self.cert
+    }
+
+    /// A server certificate for 127.0.0.1 (its only subject alternative name).
+    pub fn issue_server(&self, name: &str) -> Issued {
+        self.issue(name, "server")
+    }
+
+    /// A client certificate, for mutual TLS.
+    pub fn issue_client(&self, name: &str) -> Issued {
+        self.issue(name, "client")
+    }
+
+    fn issue(&self, name: &str, extensions: &str) -> Issued {
+        let n = self.issued.get() + 1;
+        self.issued.set(n);
+        let base = self.dir.path().join(format!("{n}-{name}"));
+        let issued = Issued {
+            cert: base.with_extension("pem"),
+            key: base.with_extension("key"),
+        };
+        let csr = base.with_extension("csr");
+        let mut req = Command::new(OPENSSL);
+        req.args(["req", "-new", "-config"])
+            .arg(&self.extensions)
+            .args([
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .arg("-keyout")
+            .arg(&issued.key)
+            .arg("-out")
+            .arg(&csr)
+            .arg("-subj")
+            .arg(format!("/CN={name}"));
+        openssl(req);
+        let mut sign = Command::new(OPENSSL);
+        sign.args(["x509", "-req", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&self.cert)
+            .arg("-CAkey")
+            .arg(&self.key)
+            // Serials differ per certificate of this CA (nothing else reads them).
+            .args([
+                "-set_serial",
+                &(n + 1).to_string(),
+                "-days",
+                "2",
+                "-extfile",
+            ])
+            .arg(&self.extensions)
+            .args(["-extensions", extensions])
+            .arg("-out")
+            .arg(&issued.cert);
+        openssl(sign);
+        issued
+    }
+
+    /// TLS settings for a server presenting `server`, trusting this CA for client
+    /// certificates, and requiring one if `auth_clients`.
+    pub fn server_tls(&self, server: &Issued, auth_clients: bool) -> ServerTls {
+        ServerTls {
+            cert: server.cert.clone(),
+            key: server.key.clone(),
+            ca: self.cert.clone(),
+            auth_clients,
+        }
+    }
+}
+
+/// Runs one `openssl` command, panicking with its output when it fails.
+fn openssl(mut cmd: Command) {
+    cmd.stdin(Stdio::null());
+    let shown = format!("{cmd:?}");
+    let out = output_within(cmd, OPENSSL_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "{shown} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How a server speaks TLS: only TLS (no plain port), with this certificate and key, trusting
+/// `ca` for client certificates (`--tls-ca-cert-file`) and requiring one if `auth_clients`.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub auth_clients: bool,
+}
+
 /// How a spawn ended.
 enum Spawned {
     Ready,
@@ -73,7 +274,9 @@ enum Spawned {
 /// One `redis-server` on 127.0.0.1, with its own directory (its log is `redis.log` there).
 /// Dropping it stops the server.
 pub struct RedisServer {
+    /// The port it serves on: its TLS port when it speaks TLS (it has no plain one then).
     port: u16,
+    tls: Option<ServerTls>,
     /// The cluster bus port, for a cluster node.
     cluster_port: Option<u16>,
     log: PathBuf,
@@ -86,15 +289,22 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a standalone server on a free port and waits until it answers.
     pub fn start() -> Self {
-        Self::start_on_free_ports(false)
+        Self::start_on_free_ports(false, None)
     }
 
-    /// Starts a cluster-enabled server (no slots, knowing no other node yet).
-    fn start_cluster_node() -> Self {
-        Self::start_on_free_ports(true)
+    /// Starts a standalone server speaking only TLS (`--port 0 --tls-port PORT`) on a free
+    /// port and waits until it is ready.
+    pub fn start_tls(tls: ServerTls) -> Self {
+        Self::start_on_free_ports(false, Some(tls))
     }
 
-    fn start_on_free_ports(cluster: bool) -> Self {
+    /// Starts a cluster-enabled server (no slots, knowing no other node yet); with `tls`, its
+    /// clients and the cluster bus speak TLS only.
+    fn start_cluster_node(tls: Option<ServerTls>) -> Self {
+        Self::start_on_free_ports(true, tls)
+    }
+
+    fn start_on_free_ports(cluster: bool, tls: Option<ServerTls>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("aiguard-redis-")
             .tempdir()
@@ -102,6 +312,7 @@ impl RedisServer {
         let log = dir.path().join("redis.log");
         let mut server = Self {
             port: 0,
+            tls,
             cluster_port: None,
             log,
             child: None,
@@ -123,9 +334,14 @@ impl RedisServer {
         );
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://127.0.0.1:PORT` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -162,9 +378,30 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
         let err = out.try_clone().expect("duplicating the log file handle");
         let mut cmd = Command::new(REDIS_SERVER);
-        cmd.args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
-            .arg("--dir")
+        cmd.args(["--bind", "127.0.0.1"]);
+        match &self.tls {
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+            Some(tls) => {
+                cmd.args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args([
+                        "--tls-auth-clients",
+                        if tls.auth_clients { "yes" } else { "no" },
+                    ]);
+                if self.cluster_port.is_some() {
+                    cmd.args(["--tls-cluster", "yes"]);
+                }
+            }
+        }
+        cmd.arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(&self.log)
@@ -203,7 +440,14 @@ impl RedisServer {
                 );
             }
             // Another server on a port we just released answers too: only ours counts.
-            if answering_pid(self.port, Duration::from_millis(500)) == Some(pid) {
+            if self.tls.is_none()
+                && answering_pid(self.port, Duration::from_millis(500)) == Some(pid)
+            {
+                return Spawned::Ready;
+            }
+            // A TLS server has no plain port to ask: it logs (as `PID:M ...`) that it is ready
+            // once it holds its ports, so that line of our PID says the port is ours.
+            if self.tls.is_some() && self.logged_ready(pid) {
                 return Spawned::Ready;
             }
             if Instant::now() >= deadline {
@@ -216,6 +460,13 @@ impl RedisServer {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn logged_ready(&self, pid: u32) -> bool {
+        let ours = format!("{pid}:");
+        self.log()
+            .lines()
+            .any(|l| l.starts_with(&ours) && l.contains("Ready to accept connections"))
     }
 
     /// SIGTERM by PID, then (after [`EXIT_TIMEOUT`]) SIGKILL. Nothing to do if it is not running.
@@ -290,7 +541,31 @@ impl RedisServer {
 
     /// Whether the server answers PING within `timeout` (a paused one does not).
     pub fn answers_ping(&self, timeout: Duration) -> bool {
-        query(self.port, "PING", timeout).as_deref() == Some("PONG")
+        match &self.tls {
+            None => query(self.port, "PING", timeout).as_deref() == Some("PONG"),
+            Some(tls) => {
+                let mut cmd = cli_command(self.port, false, Some(tls), &["PING"]);
+                cmd.stdin(Stdio::null());
+                let (tx, rx) = std::sync::mpsc::channel();
+                let child = cmd
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("starting {REDIS_CLI}: {e}"));
+                let pid = child.id();
+                thread::spawn(move || {
+                    let _ = tx.send(child.wait_with_output());
+                });
+                match rx.recv_timeout(timeout) {
+                    Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout).trim() == "PONG",
+                    Ok(Err(_)) => false,
+                    Err(_) => {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        false
+                    }
+                }
+            }
+        }
     }
 
     /// Runs `redis-cli ARGS` against this server (e.g. `["GET", "key"]`, `["KEYS", "*"]`,
@@ -298,7 +573,7 @@ impl RedisServer {
     /// redis-cli's raw form: a value as is, nil as an empty string, one array element a line,
     /// and an error reply as its text (`ERR ...`; redis-cli still exits 0).
     pub fn cli(&self, args: &[&str]) -> String {
-        cli_at(self.port, false, args)
+        cli_at(self.port, false, self.tls.as_ref(), args)
     }
 }
 
@@ -325,9 +600,19 @@ impl RedisCluster {
     /// Starts `masters` nodes on free ports, splits the slots evenly among them, makes them meet,
     /// and waits until every node reports `cluster_state:ok` and knows every other.
     pub fn start(masters: usize) -> Self {
+        Self::start_with(masters, None)
+    }
+
+    /// As [`RedisCluster::start`], every node speaking TLS only (clients and cluster bus), so
+    /// that the slots it announces are TLS ports.
+    pub fn start_tls(masters: usize, tls: ServerTls) -> Self {
+        Self::start_with(masters, Some(tls))
+    }
+
+    fn start_with(masters: usize, tls: Option<ServerTls>) -> Self {
         assert!(masters >= 1, "a cluster needs at least one master");
         let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| RedisServer::start_cluster_node())
+            .map(|_| RedisServer::start_cluster_node(tls.clone()))
             .collect();
         for (i, node) in nodes.iter().enumerate() {
             // Distinct epochs, as `redis-cli --cluster create` sets them, so that the nodes need
@@ -401,7 +686,7 @@ impl RedisCluster {
         }
     }
 
-    /// Every node's `redis://127.0.0.1:PORT`.
+    /// Every node's `redis://127.0.0.1:PORT` (`rediss://` over TLS).
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
@@ -419,7 +704,7 @@ impl RedisCluster {
     /// `redis-cli -c ARGS` against the first node: keys are followed to the node that holds
     /// their slot. Output as for [`RedisServer::cli`].
     pub fn cli(&self, args: &[&str]) -> String {
-        cli_at(self.nodes[0].port, true, args)
+        cli_at(self.nodes[0].port, true, self.nodes[0].tls.as_ref(), args)
     }
 }
 
@@ -435,20 +720,40 @@ fn expect_ok(node: &RedisServer, args: &[&str]) {
     );
 }
 
-/// `redis-cli [-c] -h 127.0.0.1 -p PORT ARGS`, bounded by [`CLI_TIMEOUT`]; panics when redis-cli
-/// fails (e.g. it cannot connect).
-fn cli_at(port: u16, follow_redirects: bool, args: &[&str]) -> String {
+/// `redis-cli [-c] [--tls ...] -h 127.0.0.1 -p PORT ARGS`. Over TLS it trusts the server's CA
+/// and presents the server's own certificate (which is also a client certificate).
+fn cli_command(
+    port: u16,
+    follow_redirects: bool,
+    tls: Option<&ServerTls>,
+    args: &[&str],
+) -> Command {
     let mut cmd = Command::new(REDIS_CLI);
     if follow_redirects {
         cmd.arg("-c");
     }
+    if let Some(tls) = tls {
+        cmd.args(["--tls", "--cacert"])
+            .arg(&tls.ca)
+            .arg("--cert")
+            .arg(&tls.cert)
+            .arg("--key")
+            .arg(&tls.key);
+    }
     cmd.args(["-h", "127.0.0.1", "-p"])
         .arg(port.to_string())
         .args(args)
-        .stdin(Stdio::null())
         // A user's ~/.redisclirc or REDISCLI_AUTH would change what it does.
         .env_remove("REDISCLI_AUTH")
         .env("REDISCLI_RCFILE", "/dev/null");
+    cmd
+}
+
+/// [`cli_command`], bounded by [`CLI_TIMEOUT`]; panics when redis-cli fails (e.g. it cannot
+/// connect).
+fn cli_at(port: u16, follow_redirects: bool, tls: Option<&ServerTls>, args: &[&str]) -> String {
+    let mut cmd = cli_command(port, follow_redirects, tls, args);
+    cmd.stdin(Stdio::null());
     let out = output_within(cmd, CLI_TIMEOUT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -127,7 +127,10 @@ async fn one_request_limit_across_three(urls: Vec<String>) {
     assert_eq!(ok.header("x-ratelimit-limit-requests"), Some("12"));
     for g in &gws {
         let status = g.gw.decider.shared().expect("shared store").status();
-        assert_eq!(status.fallbacks, 0, "every decision was Redis's: {status:?}");
+        assert_eq!(
+            status.fallbacks, 0,
+            "every decision was Redis's: {status:?}"
+        );
     }
     for g in gws {
         g.stop().await;

@@ -506,8 +506,11 @@ async fn subscribe(shared: &Shared) -> Result<redis::aio::PubSubStream, String> 
     let mut last = String::from("no URL");
     for url in &shared.settings().urls {
         let attempt = async {
-            let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-            let mut ps = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+            let client = shared.client(url).map_err(|e| e.to_string())?;
+            let mut ps = client
+                .get_async_pubsub()
+                .await
+                .map_err(|e| super::tls::explain(&e))?;
             ps.subscribe(&[shared.bans_channel(), shared.keys_channel()])
                 .await
                 .map_err(|e| e.to_string())?;

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`settings`]: the `[store]` section and the tiers' failure modes;
+//! - [`tls`]: the TLS files of `rediss://` connections, and failed handshakes in words;
 //! - [`scripts`]: the Lua scripts, one atomic round trip per decision;
 //! - [`limits`]: admissions and settlements against Redis;
 //! - [`outbox`]: usage counted while Redis was out of reach, kept on disk until written back;
@@ -19,6 +20,7 @@ pub mod limits;
 pub mod outbox;
 pub mod scripts;
 pub mod settings;
+pub mod tls;
 
 use std::{
     future::Future,
@@ -177,6 +179,8 @@ impl Health {
 /// The shared store, as one node sees it.
 pub struct Shared {
     settings: StoreSettings,
+    /// What `rediss://` connections trust and present: the TLS files, read at start.
+    tls: Option<redis::TlsCertificates>,
     node: Arc<str>,
     conn: RwLock<Option<Conn>>,
     pub scripts: Scripts,
@@ -195,10 +199,12 @@ impl Shared {
     /// Opens the outbox and connects if Redis answers; if it does not, the node starts anyway
     /// (tiers fall back) and keeps trying in [`Shared::maintain`].
     pub async fn open(settings: &StoreSettings, store: Store) -> Result<Arc<Self>, String> {
+        let tls = settings.tls_certificates().map_err(|e| e.to_string())?;
         let outbox = Outbox::open(store.clone()).map_err(|e| e.to_string())?;
         let pending_unbans = bans::PendingUnbans::open(store).map_err(|e| e.to_string())?;
         let shared = Arc::new(Self {
             settings: settings.clone(),
+            tls,
             node: settings.node_name().into(),
             conn: RwLock::new(None),
             scripts: Scripts::new(),
@@ -264,28 +270,41 @@ impl Shared {
 
     fn client_config_check(&self) -> Result<(), String> {
         for u in &self.settings.urls {
-            redis::Client::open(u.as_str())
+            self.client(u)
                 .map_err(|e| format!("store.urls: {}: {e}", redact(u)))?;
         }
         Ok(())
     }
 
+    /// A client for one of the URLs: with the TLS files for a `rediss://` one.
+    pub(crate) fn client(&self, url: &str) -> RedisResult<redis::Client> {
+        match &self.tls {
+            Some(certs) if settings::is_tls_url(url) => {
+                redis::Client::build_with_tls(url, certs.clone())
+            }
+            _ => redis::Client::open(url),
+        }
+    }
+
     async fn try_connect(&self) -> Result<(), String> {
         let s = &self.settings;
         let conn = if s.is_cluster() {
-            let client = ClusterClient::builder(s.urls.clone())
+            let mut builder = ClusterClient::builder(s.urls.clone())
                 .connection_timeout(s.connect_timeout)
                 .response_timeout(s.connect_timeout.max(s.decision_timeout))
-                .retries(1)
-                .build()
-                .map_err(|e| e.to_string())?;
+                .retries(1);
+            // Every node the seeds lead to is reached with them (the seeds are all rediss://).
+            if let Some(certs) = &self.tls {
+                builder = builder.certs(certs.clone());
+            }
+            let client = builder.build().map_err(|e| e.to_string())?;
             let c = tokio::time::timeout(s.connect_timeout, client.get_async_connection())
                 .await
                 .map_err(|_| format!("no answer within {:?}", s.connect_timeout))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| tls::explain(&e))?;
             Conn::Cluster(c)
         } else {
-            let client = redis::Client::open(s.urls[0].as_str()).map_err(|e| e.to_string())?;
+            let client = self.client(&s.urls[0]).map_err(|e| e.to_string())?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(s.connect_timeout))
                 .set_response_timeout(Some(s.connect_timeout.max(s.decision_timeout)))
@@ -299,7 +318,7 @@ impl Shared {
         let pong: String = tokio::time::timeout(s.connect_timeout, conn.query(&redis::cmd("PING")))
             .await
             .map_err(|_| format!("no answer within {:?}", s.connect_timeout))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| tls::explain(&e))?;
         if pong != "PONG" {
             return Err(format!("unexpected answer to PING: {pong}"));
         }
@@ -328,7 +347,7 @@ impl Shared {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.health.errors.fetch_add(1, Ordering::Relaxed);
-                let message = e.to_string();
+                let message = tls::explain(&e);
                 if is_unreachable(&e) {
                     self.health.mark_down(&message);
                     Err(StoreFailure::Error(message))
@@ -470,7 +489,7 @@ impl Shared {
         let budget = self.background_budget();
         match tokio::time::timeout(budget, conn.query::<String>(&redis::cmd("PING"))).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(tls::explain(&e)),
             Err(_) => Err(format!("no answer within {budget:?}")),
         }
     }

@@ -1,5 +1,5 @@
 //! `[store]`: where limits, quotas and bans live when several nodes share them.
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
@@ -58,6 +58,14 @@ pub struct StoreSettings {
     /// How often an unreachable Redis is tried again.
     #[serde(with = "humantime_serde")]
     pub retry_interval: Duration,
+    /// PEM file of the CAs whose certificates `rediss://` servers may present: trusted instead
+    /// of the system's roots (a private CA, e.g. an internal Redis's). Without it, the system's.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate (chain) this node presents to Redis, for mutual TLS (Redis's
+    /// `tls-auth-clients`); with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The unencrypted PEM private key of `tls_cert` (PKCS#8, RSA or EC).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for StoreSettings {
@@ -73,6 +81,9 @@ impl Default for StoreSettings {
             node_name: None,
             lease: Duration::from_secs(15 * 60),
             retry_interval: Duration::from_millis(500),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -110,8 +121,34 @@ impl StoreSettings {
         })
     }
 
+    /// The TLS files that are set, as `(field, path)`.
+    fn tls_files(&self) -> impl Iterator<Item = (&'static str, &PathBuf)> {
+        [
+            ("store.tls_ca", &self.tls_ca),
+            ("store.tls_cert", &self.tls_cert),
+            ("store.tls_key", &self.tls_key),
+        ]
+        .into_iter()
+        .filter_map(|(field, path)| path.as_ref().map(|p| (field, p)))
+    }
+
+    /// What `rediss://` connections trust and present, read from the TLS files now (the
+    /// shared store does so when it opens, at start); `None` when no TLS file is set.
+    pub fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>, ConfigError> {
+        super::tls::certificates(self)
+    }
+
+    /// Checks every field; the TLS files are read (so that a missing, unreadable or broken
+    /// one refuses the configuration, not a connection later).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.backend == Backend::Embedded {
+            if let Some((field, path)) = self.tls_files().next() {
+                return Err(invalid(
+                    field,
+                    format!("{:?}", path.display().to_string()),
+                    "no TLS files with backend = \"embedded\" (they are for rediss:// URLs, with backend = \"redis\")",
+                ));
+            }
             if !self.urls.is_empty() {
                 return Err(invalid(
                     "store.urls",
@@ -148,6 +185,31 @@ impl StoreSettings {
                     "no database number but 0 for Redis Cluster seeds (a cluster has database 0 only)",
                 ));
             }
+        }
+        // Every node of a cluster is reached the way its seeds are.
+        if self.is_cluster()
+            && let Some(odd) = self
+                .urls
+                .iter()
+                .find(|u| is_tls_url(u) != is_tls_url(&self.urls[0]))
+        {
+            return Err(invalid(
+                "store.urls",
+                format!("{:?}", shown_url(odd)),
+                &format!(
+                    "Cluster seeds of one scheme: all rediss:// (TLS) or all redis:// (the first is {:?})",
+                    shown_url(&self.urls[0])
+                ),
+            ));
+        }
+        if let Some((field, path)) = self.tls_files().next()
+            && !self.urls.iter().any(|u| is_tls_url(u))
+        {
+            return Err(invalid(
+                field,
+                format!("{:?}", path.display().to_string()),
+                "rediss:// URLs in store.urls: TLS files are for TLS connections, and every URL is redis:// (plain TCP)",
+            ));
         }
         if self.cluster == Some(false) && self.urls.len() > 1 {
             return Err(invalid(
@@ -209,12 +271,21 @@ impl StoreSettings {
                 "1 to 64 letters, digits, '-', '_' or '.'",
             ));
         }
+        // Last: files are read only for an otherwise valid section.
+        self.tls_certificates()?;
         Ok(())
     }
 }
 
+/// Whether a URL is `rediss://` (TLS).
+pub(crate) fn is_tls_url(u: &str) -> bool {
+    redis::parse_redis_url(u).is_some_and(|url| url.scheme() == "rediss")
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn redis(urls: &[&str]) -> StoreSettings {
@@ -420,6 +491,227 @@ mod tests {
         }
     }
 
+    /// A fixture of `testdata/` (see its README).
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/shared/testdata")
+            .join(name)
+    }
+
+    fn tls(
+        urls: &[&str],
+        ca: Option<&str>,
+        cert: Option<&str>,
+        key: Option<&str>,
+    ) -> StoreSettings {
+        StoreSettings {
+            tls_ca: ca.map(fixture),
+            tls_cert: cert.map(fixture),
+            tls_key: key.map(fixture),
+            ..redis(urls)
+        }
+    }
+
+    #[test]
+    fn tls_files_are_read_into_what_the_client_trusts_and_presents() {
+        let none = redis(&["rediss://redis.internal:6380"]);
+        none.validate()
+            .expect("rediss:// without files: the system's roots");
+        assert!(none.tls_certificates().expect("no files").is_none());
+
+        let ca = tls(
+            &["rediss://redis.internal:6380"],
+            Some("ca.pem"),
+            None,
+            None,
+        );
+        ca.validate().expect("a private CA");
+        let certs = ca.tls_certificates().expect("read").expect("set");
+        let pem = std::fs::read(fixture("ca.pem")).expect("fixture");
+        assert_eq!(certs.root_cert.as_deref(), Some(&pem[..]));
+        assert!(certs.client_tls.is_none());
+
+        let mutual = tls(
+            &["rediss://redis.internal:6380"],
+            Some("ca.pem"),
+            Some("client.pem"),
+            Some("client.key"),
+        );
+        mutual.validate().expect("mutual TLS");
+        let certs = mutual.tls_certificates().expect("read").expect("set");
+        assert!(certs.client_tls.is_some());
+
+        // A client certificate alone: the system's roots, and this node's identity.
+        let identity_only = tls(
+            &["rediss://redis.internal:6380"],
+            None,
+            Some("client.pem"),
+            Some("client.key"),
+        );
+        identity_only.validate().expect("client certificate only");
+        let certs = identity_only
+            .tls_certificates()
+            .expect("read")
+            .expect("set");
+        assert!(certs.root_cert.is_none() && certs.client_tls.is_some());
+
+        // Cluster seeds, all rediss://.
+        let cluster = tls(
+            &["rediss://a:7000", "rediss://b:7000", "rediss://c:7000"],
+            Some("ca.pem"),
+            Some("client.pem"),
+            Some("client.key"),
+        );
+        cluster.validate().expect("a TLS cluster");
+    }
+
+    #[test]
+    fn a_missing_unreadable_or_non_pem_tls_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.pem");
+        let der = dir.path().join("ca.der");
+        std::fs::write(&der, [0x30, 0x82, 0x01, 0x85, 0x30, 0x82]).expect("write");
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let url = ["rediss://redis.internal:6380"];
+        let set_ca = |p: &Path| StoreSettings {
+            tls_ca: Some(p.to_owned()),
+            ..redis(&url)
+        };
+
+        let e = names(&set_ca(&missing), "store.tls_ca");
+        assert!(e.contains("nope.pem") && e.contains("No such file"), "{e}");
+        // A directory where a file should be: unreadable (even as root).
+        let e = names(&set_ca(dir.path()), "store.tls_ca");
+        assert!(e.contains("reading it failed"), "{e}");
+        let e = names(&set_ca(&der), "store.tls_ca");
+        assert!(
+            e.contains("BEGIN CERTIFICATE") && e.contains("none"),
+            "DER, not PEM: {e}"
+        );
+        let e = names(&set_ca(&broken), "store.tls_ca");
+        assert!(e.contains("not valid PEM"), "{e}");
+        let e = names(&set_ca(&garbage), "store.tls_ca");
+        assert!(e.contains("certificate 1"), "PEM of no certificate: {e}");
+        // A key where the CA should be: said so.
+        let e = names(&set_ca(&fixture("client.key")), "store.tls_ca");
+        assert!(e.contains("private key"), "{e}");
+
+        let e = names(
+            &tls(&url, None, Some("nope.pem"), Some("client.key")),
+            "store.tls_cert",
+        );
+        assert!(e.contains("No such file"), "{e}");
+        let e = names(
+            &tls(&url, None, Some("client.key"), Some("client.key")),
+            "store.tls_cert",
+        );
+        assert!(e.contains("none"), "a key is no certificate: {e}");
+        let e = names(
+            &tls(&url, None, Some("client.pem"), Some("nope.key")),
+            "store.tls_key",
+        );
+        assert!(e.contains("No such file"), "{e}");
+        let e = names(
+            &tls(&url, None, Some("client.pem"), Some("client.pem")),
+            "store.tls_key",
+        );
+        assert!(
+            e.contains("unencrypted PEM private key") && e.contains("holds a certificate"),
+            "a certificate is no key: {e}"
+        );
+        let e = names(
+            &tls(&url, None, Some("client.pem"), Some("encrypted.key")),
+            "store.tls_key",
+        );
+        assert!(e.contains("encrypted"), "{e}");
+        let e = names(
+            &tls(&url, None, Some("client.pem"), Some("other.key")),
+            "store.tls_key",
+        );
+        assert!(
+            e.contains("not that certificate's"),
+            "a key of another certificate: {e}"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_the_other_way_round() {
+        let url = ["rediss://redis.internal:6380"];
+        let e = names(
+            &tls(&url, Some("ca.pem"), Some("client.pem"), None),
+            "store.tls_key",
+        );
+        assert!(
+            e.contains("needs its key") && e.contains("client.pem"),
+            "{e}"
+        );
+        let e = names(&tls(&url, None, None, Some("client.key")), "store.tls_cert");
+        assert!(e.contains("client.key"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_need_rediss_urls() {
+        for (field, s) in [
+            (
+                "store.tls_ca",
+                tls(&["redis://10.0.0.5:6379"], Some("ca.pem"), None, None),
+            ),
+            (
+                "store.tls_cert",
+                tls(
+                    &["redis://a:7000", "redis://b:7000"],
+                    None,
+                    Some("client.pem"),
+                    Some("client.key"),
+                ),
+            ),
+        ] {
+            let e = names(&s, field);
+            assert!(e.contains("rediss://"), "{e}");
+        }
+        let mut embedded = tls(&[], Some("ca.pem"), None, None);
+        embedded.backend = Backend::Embedded;
+        let e = names(&embedded, "store.tls_ca");
+        assert!(e.contains("embedded"), "{e}");
+        // The files are not read for a section refused anyway.
+        let e = names(
+            &tls(&["redis://h:6379"], Some("nope.pem"), None, None),
+            "store.tls_ca",
+        );
+        assert!(e.contains("rediss://"), "{e}");
+    }
+
+    #[test]
+    fn cluster_seeds_are_all_tls_or_all_plain() {
+        let e = names(
+            &redis(&[
+                "rediss://a:7000",
+                "redis://admin:s3cret@b:7000",
+                "rediss://c:7000",
+            ]),
+            "store.urls",
+        );
+        assert!(
+            e.contains("redis://admin:***@b:7000") && !e.contains("s3cret"),
+            "{e}"
+        );
+        assert!(e.contains("one scheme"), "{e}");
+        redis(&["rediss://a:7000", "rediss://b:7000"])
+            .validate()
+            .expect("all TLS");
+    }
+
     #[test]
     fn a_config_file_is_checked_the_same_way() {
         let from = |toml: &str| {
@@ -443,5 +735,21 @@ mod tests {
         assert!(e.contains("memcached"), "{e}");
         let e = from("[store]\nbackend = \"redis\"\nurl = \"redis://h\"\n").unwrap_err();
         assert!(e.contains("unknown field `url`"), "{e}");
+        let ca = fixture("ca.pem");
+        let c = crate::config::Config::from_toml(
+            &format!(
+                "[store]\nbackend = \"redis\"\nurls = [\"rediss://redis.internal:6380\"]\ntls_ca = {:?}\n",
+                ca.display().to_string()
+            ),
+            Path::new("aiguard.toml"),
+        )
+        .expect("tls_ca");
+        assert_eq!(c.store.tls_ca.as_deref(), Some(ca.as_path()));
+        let e = from("[store]\nbackend = \"redis\"\nurls = [\"rediss://h\"]\ntls_ca = \"/nonexistent/ca.pem\"\n")
+            .unwrap_err();
+        assert!(
+            e.contains("`store.tls_ca` = \"/nonexistent/ca.pem\""),
+            "{e}"
+        );
     }
 }
