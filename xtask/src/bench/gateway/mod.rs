@@ -1,8 +1,10 @@
 //! `cargo xtask bench gateway`: what aiguard's gateway costs per request, beside nginx doing the
-//! equivalent job, and how much latency it adds.
+//! equivalent job, how much latency it adds, and what one limiter decision costs in it.
 //!
 //! # Layout
 //!
+//! - [`limiter`]: the cost of one in-memory limiter decision (criterion, `benches/limiter.rs`),
+//!   run before the HTTP parts, or alone with `--only limiter`;
 //! - [`chat`]: the request and the upstream's answer, and the probe that checks a server answers;
 //! - [`nginx`]: the upstream every leg ends at, and the `limit_req` proxy;
 //! - [`aiguard`]: the daemon with its gateway and tier, and the keys the load uses;
@@ -10,6 +12,8 @@
 //! - [`wrk`]: closed-loop load for throughput and CPU per request at saturation;
 //! - [`open_loop`]: fixed-rate load for latency as service time;
 //! - [`report`]: medians, ratios, the targets; markdown and `target/bench/gateway.json`.
+//!
+//! The limiter part runs first, on the proxy CPU, before any server starts; see [`limiter`].
 //!
 //! Three legs, each carrying the same load (64 kept-alive connections, requests spread over the
 //! same 1,000 keys) to the same upstream: (a) the upstream directly, (b) nginx proxying with
@@ -30,6 +34,7 @@
 
 mod aiguard;
 mod chat;
+mod limiter;
 mod nginx;
 mod open_loop;
 pub(super) mod process;
@@ -76,20 +81,25 @@ const OPTIMIZED_ENV: &str = "AIGUARD_BENCH_OPTIMIZED";
 
 #[derive(clap::Args, Debug)]
 pub struct GatewayBenchArgs {
-    /// Run only these parts (comma-separated); both by default.
+    /// Run only these parts (comma-separated); all by default. `--only limiter` needs neither
+    /// root nor nginx and takes well under a minute per round.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Part>,
     /// Legs to run (comma-separated); all three by default. Without aiguard the keys are made
     /// up (no root needed) and the targets are not evaluated.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub legs: Vec<Leg>,
-    /// Rounds; each runs every leg once per part, in an order that rotates. The figures are
-    /// medians over rounds.
+    /// Rounds; each runs every leg once per part, in an order that rotates, and the limiter's
+    /// criterion bench once. The figures are medians over rounds.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Measured seconds per leg and part (after a warm-up).
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// criterion's measurement time per limiter case and round, in seconds (after 0.5 s of
+    /// warm-up); a second is millions of decisions.
+    #[arg(long, default_value_t = 1.0)]
+    pub limiter_seconds: f64,
     /// Connections of both load generators.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
@@ -103,7 +113,8 @@ pub struct GatewayBenchArgs {
     /// the same round.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// CPU for the proxies (nginx and aiguard, one at a time); the last CPU by default.
+    /// CPU for the proxies (nginx and aiguard, one at a time) and the limiter bench; the last
+    /// CPU by default.
     #[arg(long)]
     pub proxy_cpu: Option<usize>,
     /// CPU for the load generators and the upstream; CPU 0 by default.
@@ -120,6 +131,8 @@ pub enum Part {
     Throughput,
     /// Open loop at a fixed rate: p50/p99 latency.
     Latency,
+    /// criterion: ns per in-memory limiter decision (and release), against 200 ns.
+    Limiter,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -148,6 +161,11 @@ impl Leg {
 impl GatewayBenchArgs {
     fn runs(&self, part: Part) -> bool {
         self.only.is_empty() || self.only.contains(&part)
+    }
+
+    /// Whether any part that sends HTTP load runs (and so needs the servers).
+    fn runs_http(&self) -> bool {
+        self.runs(Part::Throughput) || self.runs(Part::Latency)
     }
 
     fn legs(&self) -> Vec<Leg> {
@@ -218,17 +236,25 @@ pub struct Samples {
 
 pub fn run(args: GatewayBenchArgs) -> Result<()> {
     validate(&args)?;
-    if cfg!(debug_assertions) && std::env::var_os(OPTIMIZED_ENV).is_none() {
+    let http = args.runs_http();
+    // The optimized re-run is for the HTTP parts' load generator; the limiter's criterion bench
+    // is its own optimized process either way.
+    if http && cfg!(debug_assertions) && std::env::var_os(OPTIMIZED_ENV).is_none() {
         return run_optimized();
     }
     let legs = args.legs();
-    let with_aiguard = legs.contains(&Leg::Aiguard);
+    let with_aiguard = http && legs.contains(&Leg::Aiguard);
     if with_aiguard {
         setup::require_root("the aiguard leg of `cargo xtask bench gateway` (it loads XDP)")?;
         // Installs nginx and wrk, and what building the daemon needs, when missing.
         setup::run()?;
     }
-    for tool in ["nginx", "wrk", "taskset"] {
+    let tools: &[&str] = if http {
+        &["nginx", "wrk", "taskset"]
+    } else {
+        &["taskset"]
+    };
+    for tool in tools {
         ensure!(
             which(tool),
             "`{tool}` is not installed: run `cargo xtask setup`"
@@ -236,7 +262,7 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
     }
     let cpus = super::online_cpus()?;
     ensure!(
-        cpus >= 2,
+        cpus >= 2 || !http,
         "the gateway benchmark needs 2 CPUs, this machine has {cpus}"
     );
     let layout = Layout {
@@ -249,7 +275,7 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
         cpus - 1
     );
     ensure!(
-        layout.proxy_cpu != layout.load_cpu,
+        layout.proxy_cpu != layout.load_cpu || !http,
         "--proxy-cpu and --load-cpu must differ"
     );
     // Built before any server starts: a first build takes minutes.
@@ -262,9 +288,42 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
     } else {
         None
     };
+    let command = super::command_line();
 
-    let bench_dir = workspace_root().join("target/bench");
-    let runs_dir = bench_dir.join("gateway");
+    // First, while nothing else runs: the decision's cost is nanoseconds, and any server on the
+    // machine would be in it.
+    let limiter = if args.runs(Part::Limiter) {
+        let plan = limiter::Plan {
+            cpu: layout.proxy_cpu,
+            rounds: args.rounds,
+            measurement_secs: args.limiter_seconds,
+        };
+        Some(limiter::run(&plan).context("the limiter part")?)
+    } else {
+        None
+    };
+    let (samples, notes) = if http {
+        http_parts(&args, &legs, layout, daemon.as_deref())?
+    } else {
+        (Samples::default(), Vec::new())
+    };
+
+    let report = report::Report::new(command, cpus, layout, &args, samples, notes, limiter)?;
+    print!("{}", report.markdown());
+    let json = workspace_root().join("target/bench/gateway.json");
+    report.write_json(&json)?;
+    eprintln!("bench gateway: results written to {}", json.display());
+    Ok(())
+}
+
+/// The throughput and latency parts: the servers started, the rounds run, the servers stopped.
+fn http_parts(
+    args: &GatewayBenchArgs,
+    legs: &[Leg],
+    layout: Layout,
+    daemon: Option<&Path>,
+) -> Result<(Samples, Vec<String>)> {
+    let runs_dir = workspace_root().join("target/bench/gateway");
     for dir in super::leftovers(&runs_dir)? {
         eprintln!(
             "bench gateway: removing {} left by an earlier run",
@@ -272,19 +331,18 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
         );
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    if with_aiguard {
+    if daemon.is_some() {
         super::object::remove_stale_pin_dirs()?;
     }
     let work = WorkDir::create(&runs_dir.join(super::unique_name()))?;
-    let command = super::command_line();
 
-    let servers = Servers::start(&args, &legs, layout, daemon.as_deref(), work)?;
+    let servers = Servers::start(args, legs, layout, daemon, work)?;
     let script = servers.work.path().join("keys.lua");
     fs::write(&script, wrk::script(&servers.keys)?)
         .with_context(|| format!("writing {}", script.display()))?;
     let mut bench = Bench {
-        args: &args,
-        legs,
+        args,
+        legs: legs.to_vec(),
         layout,
         servers,
         script,
@@ -292,15 +350,8 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
     let mut notes = Vec::new();
     let samples = bench.rounds(&mut notes)?;
     // Stopped before the report: a server that fails on SIGTERM fails the run.
-    let Bench { servers, legs, .. } = bench;
-    servers.stop()?;
-
-    let report = report::Report::new(command, cpus, layout, &args, &legs, samples, notes)?;
-    print!("{}", report.markdown());
-    let json = bench_dir.join("gateway.json");
-    report.write_json(&json)?;
-    eprintln!("bench gateway: results written to {}", json.display());
-    Ok(())
+    bench.servers.stop()?;
+    Ok((samples, notes))
 }
 
 /// Becomes the same command in an optimized build of xtask (`cargo xtask` builds it
@@ -322,6 +373,10 @@ fn validate(args: &GatewayBenchArgs) -> Result<()> {
     ensure!(
         (1..=60).contains(&args.seconds),
         "--seconds must be in 1..=60"
+    );
+    ensure!(
+        (0.1..=60.0).contains(&args.limiter_seconds),
+        "--limiter-seconds must be in 0.1..=60"
     );
     ensure!(
         (1..=1_000).contains(&args.connections),

@@ -1,5 +1,6 @@
-//! One run's results: medians over rounds, aiguard against nginx round by round, the issue's
-//! targets; printed as markdown and written as JSON (`target/bench/gateway.json`).
+//! One run's results: medians over rounds, aiguard against nginx round by round, the limiter's
+//! ns per decision, the issue's targets; printed as markdown and written as JSON
+//! (`target/bench/gateway.json`).
 
 use std::{fmt::Write as _, fs, path::Path, process::Command};
 
@@ -8,8 +9,11 @@ use serde::Serialize;
 
 use super::{
     FOREIGN_WARNING, GatewayBenchArgs, LAG_WARNING_US, LatencySample, Layout, Leg, NGINX_BURST,
-    PER_MINUTE, Samples, ThroughputSample, medians_by_leg, paired_median,
+    PER_MINUTE, Samples, ThroughputSample,
+    limiter::{self, LimiterRun, LimiterSample, Role},
+    medians_by_leg, paired_median,
 };
+use crate::{bench::median, workspace_root};
 
 /// aiguard's CPU per request at most this times nginx limit_req's.
 const CPU_RATIO_TARGET: f64 = 0.8;
@@ -36,9 +40,40 @@ pub struct Report {
     pub throughput: Vec<ThroughputRow>,
     pub latency: Vec<LatencyRow>,
     pub ratios: Ratios,
+    /// The limiter part, when it ran.
+    pub limiter: Option<LimiterReport>,
     pub targets: Vec<Target>,
     pub notes: Vec<String>,
     pub samples: Samples,
+}
+
+/// The limiter part: criterion's median per case, median over rounds.
+#[derive(Debug, Serialize)]
+pub struct LimiterReport {
+    pub target_ns: f64,
+    pub cpu: usize,
+    pub command: String,
+    pub rounds: usize,
+    pub warm_up_secs: f64,
+    pub measurement_secs: f64,
+    pub rows: Vec<LimiterRow>,
+    /// Per round, the share of the bench CPU that went to other processes.
+    pub cpu_foreign: Vec<f64>,
+    pub samples: Vec<LimiterSample>,
+}
+
+/// One case, over rounds.
+#[derive(Debug, Serialize)]
+pub struct LimiterRow {
+    pub case: &'static str,
+    pub what: &'static str,
+    pub role: Role,
+    /// Median over rounds of criterion's median, ns per iteration; and the rounds' extremes.
+    pub median_ns: f64,
+    pub min_ns: f64,
+    pub max_ns: f64,
+    /// Under the target; none for cases the target is not about (releases).
+    pub met: Option<bool>,
 }
 
 /// Medians over rounds of one leg at saturation.
@@ -88,23 +123,38 @@ impl Report {
         cpus: usize,
         layout: Layout,
         args: &GatewayBenchArgs,
-        legs: &[Leg],
         samples: Samples,
         notes: Vec<String>,
+        limiter: Option<LimiterRun>,
     ) -> Result<Self> {
         let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
             .context("reading the kernel release")?
             .trim()
             .to_owned();
-        let tools = [["nginx", "-v"], ["wrk", "-v"]]
-            .iter()
-            .filter_map(|[tool, flag]| first_line_of(Command::new(tool).arg(flag)))
-            .collect();
+        let mut tools = Vec::new();
+        if args.runs_http() {
+            tools.extend(
+                [["nginx", "-v"], ["wrk", "-v"]]
+                    .iter()
+                    .filter_map(|[tool, flag]| first_line_of(Command::new(tool).arg(flag))),
+            );
+        }
+        let limiter = limiter.map(|run| limiter_report(run, args.rounds));
+        if limiter.is_some() {
+            // The workspace's toolchain: the one that built the bench.
+            tools.extend(first_line_of(
+                Command::new("rustc")
+                    .arg("-V")
+                    .current_dir(workspace_root()),
+            ));
+        }
         let mut notes = notes;
         notes.extend(quality_notes(&samples));
-        if !legs.contains(&Leg::Aiguard) {
+        notes.extend(limiter.as_ref().and_then(limiter_quality_note));
+        if args.runs_http() && !args.legs().contains(&Leg::Aiguard) {
             notes.push(
-                "no aiguard leg: keys made up in aiguard's shape, targets not evaluated".into(),
+                "no aiguard leg: keys made up in aiguard's shape, the HTTP targets not evaluated"
+                    .into(),
             );
         }
         let mut report = Self {
@@ -122,6 +172,7 @@ impl Report {
             throughput: throughput_rows(&samples.throughput),
             latency: latency_rows(&samples.latency),
             ratios: ratios(&samples),
+            limiter,
             targets: Vec::new(),
             notes,
             samples,
@@ -160,6 +211,18 @@ impl Report {
                 met: added < ADDED_P99_TARGET_US,
             });
         }
+        if let Some(limiter) = &self.limiter
+            && let Some(worst) = worst_decision(limiter)
+        {
+            targets.push(Target {
+                target: format!(
+                    "a limiter decision < {:.0} ns (the slowest decision case)",
+                    limiter.target_ns
+                ),
+                measured: format!("{:.0} ns ({})", worst.median_ns, worst.case),
+                met: worst.median_ns < limiter.target_ns,
+            });
+        }
         targets
     }
 
@@ -174,6 +237,44 @@ impl Report {
         writeln!(out, "Command: `{}`  ", self.command)?;
         writeln!(out, "Kernel {}, {} CPUs.  ", self.kernel, self.cpus)?;
         writeln!(out, "Tools: {}.  ", self.tools.join("; "))?;
+        if !self.throughput.is_empty() || !self.latency.is_empty() {
+            self.write_http_setup(out)?;
+        } else {
+            writeln!(out)?;
+        }
+        if let Some(limiter) = &self.limiter {
+            write_limiter(out, limiter)?;
+        }
+        self.write_http(out)?;
+
+        if !self.targets.is_empty() {
+            writeln!(out, "### Targets\n")?;
+            writeln!(out, "| target | measured | met |")?;
+            writeln!(out, "|---|---:|:---:|")?;
+            for target in &self.targets {
+                writeln!(
+                    out,
+                    "| {} | {} | {} |",
+                    target.target,
+                    target.measured,
+                    if target.met { "yes" } else { "**no**" }
+                )?;
+            }
+            writeln!(out)?;
+        }
+
+        if !self.notes.is_empty() {
+            writeln!(out, "Notes:")?;
+            for note in &self.notes {
+                writeln!(out, "- {note}")?;
+            }
+            writeln!(out)?;
+        }
+        Ok(())
+    }
+
+    /// Where the HTTP parts ran and what load they carried.
+    fn write_http_setup(&self, out: &mut String) -> std::fmt::Result {
         writeln!(
             out,
             "Layout: the proxy (nginx or aiguard, one at a time) alone on CPU {}; the load \
@@ -196,7 +297,11 @@ impl Report {
             "Median of {} rounds, legs interleaved (order rotating), {} s measured per leg and part.\n",
             self.rounds, self.seconds
         )?;
+        Ok(())
+    }
 
+    /// The throughput, latency and ratio tables, for the parts that ran.
+    fn write_http(&self, out: &mut String) -> std::fmt::Result {
         if !self.throughput.is_empty() {
             writeln!(out, "### Throughput at saturation (wrk)\n")?;
             writeln!(
@@ -278,30 +383,6 @@ impl Report {
             }
             writeln!(out)?;
         }
-
-        if !self.targets.is_empty() {
-            writeln!(out, "### Targets\n")?;
-            writeln!(out, "| target | measured | met |")?;
-            writeln!(out, "|---|---:|:---:|")?;
-            for target in &self.targets {
-                writeln!(
-                    out,
-                    "| {} | {} | {} |",
-                    target.target,
-                    target.measured,
-                    if target.met { "yes" } else { "**no**" }
-                )?;
-            }
-            writeln!(out)?;
-        }
-
-        if !self.notes.is_empty() {
-            writeln!(out, "Notes:")?;
-            for note in &self.notes {
-                writeln!(out, "- {note}")?;
-            }
-            writeln!(out)?;
-        }
         Ok(())
     }
 
@@ -312,6 +393,128 @@ impl Report {
         let json = serde_json::to_string_pretty(self).context("serializing the results")?;
         fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
     }
+}
+
+fn limiter_report(run: LimiterRun, rounds: usize) -> LimiterReport {
+    let rows = limiter::CASES
+        .iter()
+        .filter_map(|case| {
+            let values: Vec<f64> = run
+                .samples
+                .iter()
+                .filter(|s| s.case == case.id)
+                .map(|s| s.median_ns)
+                .collect();
+            if values.is_empty() {
+                return None;
+            }
+            let median_ns = median(&values);
+            Some(LimiterRow {
+                case: case.id,
+                what: case.what,
+                role: case.role,
+                median_ns,
+                min_ns: values.iter().copied().fold(f64::INFINITY, f64::min),
+                max_ns: values.iter().copied().fold(0.0, f64::max),
+                met: (case.role != Role::Release).then_some(median_ns < limiter::TARGET_NS),
+            })
+        })
+        .collect();
+    LimiterReport {
+        target_ns: limiter::TARGET_NS,
+        cpu: run.cpu,
+        command: run.command,
+        rounds,
+        warm_up_secs: run.warm_up_secs,
+        measurement_secs: run.measurement_secs,
+        rows,
+        cpu_foreign: run.cpu_foreign,
+        samples: run.samples,
+    }
+}
+
+/// The slowest of the cases the target is about (the limiter's own decisions).
+fn worst_decision(limiter: &LimiterReport) -> Option<&LimiterRow> {
+    limiter
+        .rows
+        .iter()
+        .filter(|row| row.role == Role::Decision)
+        .max_by(|a, b| a.median_ns.total_cmp(&b.median_ns))
+}
+
+fn write_limiter(out: &mut String, limiter: &LimiterReport) -> std::fmt::Result {
+    writeln!(out, "### Limiter decision (criterion)\n")?;
+    writeln!(
+        out,
+        "`aiguard-daemon/benches/limiter.rs`, pinned to CPU {} with nothing else of the benchmark \
+         running: `{}`. Every limit set at every level (requests per minute and per day, tokens \
+         per minute, concurrency; the tenant's monthly quota). ns per iteration: criterion's \
+         median of {} s of samples after {} s of warm-up, median over {} rounds (and the rounds' \
+         range). Decisions build their `Demand` before the timed loop, as the limiter is asked \
+         for it; the calendar row adds what the handler does per request to build it \
+         (`Today::now()`, `month_left()`). `settle` reads the calendar itself, which is in its \
+         figure.\n",
+        limiter.cpu,
+        limiter.command,
+        limiter.measurement_secs,
+        limiter.warm_up_secs,
+        limiter.rounds
+    )?;
+    writeln!(
+        out,
+        "| case | what | ns (median) | rounds' range (ns) | < {:.0} ns |",
+        limiter.target_ns
+    )?;
+    writeln!(out, "|---|---|---:|---:|:---:|")?;
+    for row in &limiter.rows {
+        let verdict = match (row.met, row.role) {
+            (None, _) => "-",
+            (Some(true), Role::Decision) => "PASS",
+            (Some(false), Role::Decision) => "**MISS**",
+            // Shown against the target, not counted in it.
+            (Some(true), _) => "(PASS)",
+            (Some(false), _) => "(MISS)",
+        };
+        writeln!(
+            out,
+            "| `{}` | {} | {:.1} | {:.1}-{:.1} | {verdict} |",
+            row.case, row.what, row.median_ns, row.min_ns, row.max_ns
+        )?;
+    }
+    writeln!(out)?;
+    if let Some(worst) = worst_decision(limiter) {
+        let met = worst.median_ns < limiter.target_ns;
+        writeln!(
+            out,
+            "**{}**: a limiter decision under {:.0} ns: the slowest decision case, `{}`, takes \
+             {:.0} ns.\n",
+            if met { "PASS" } else { "MISS" },
+            limiter.target_ns,
+            worst.case,
+            worst.median_ns
+        )?;
+    }
+    Ok(())
+}
+
+/// A note when other processes shared the limiter bench's CPU.
+fn limiter_quality_note(limiter: &LimiterReport) -> Option<String> {
+    let busy = limiter
+        .cpu_foreign
+        .iter()
+        .filter(|&&share| share > FOREIGN_WARNING)
+        .count();
+    (busy > 0).then(|| {
+        format!(
+            "the machine was not quiet during the limiter part: other processes took more than \
+             {:.0}% of CPU {} in {busy} of {} rounds (up to {:.1}%); those rounds' ns are not \
+             the limiter's alone.",
+            FOREIGN_WARNING * 100.0,
+            limiter.cpu,
+            limiter.cpu_foreign.len(),
+            limiter.cpu_foreign.iter().copied().fold(0.0, f64::max) * 100.0
+        )
+    })
 }
 
 fn throughput_rows(samples: &[ThroughputSample]) -> Vec<ThroughputRow> {
