@@ -19,12 +19,17 @@
 //! `cargo xtask bench redis` ([`redis`]) measures decisions against the shared store (Redis)
 //! beside the in-memory store (`target/bench/redis.json`).
 //!
+//! `cargo xtask bench metrics` ([`metrics`]) measures one `/metrics` scrape of the real daemon
+//! holding 100k bans and 10k tenants: time, size, daemon CPU, and its effect on gateway and
+//! admin latency (`target/bench/metrics.json`).
+//!
 //! The XDP benchmark's traffic stays inside network namespaces it creates (and deletes, see
 //! [`netns`]), the gateway benchmark's on loopback; every loop is bounded in count and time.
 
 mod cpu;
 mod gateway;
 mod load;
+mod metrics;
 mod netfilter;
 mod netns;
 mod object;
@@ -62,6 +67,9 @@ pub enum BenchTarget {
     /// The shared store: decisions/s per node against one Redis, with and without
     /// pipelining, and the latency a decision adds, beside the in-memory store.
     Redis(redis::RedisBenchArgs),
+    /// One `/metrics` scrape with 100k bans and 10k tenants: wall time, size, daemon CPU, and
+    /// what it does to gateway and admin latency. Needs root.
+    Metrics(metrics::MetricsBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,6 +124,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchTarget::Xdp(args) => xdp(args),
         BenchTarget::Gateway(args) => gateway::run(args),
         BenchTarget::Redis(args) => redis::run(args),
+        BenchTarget::Metrics(args) => metrics::run(args),
     }
 }
 
