@@ -71,6 +71,16 @@ const STORE_OUTAGES: Spec = Spec::new(
     "Times the shared store went out of reach.",
     &[],
 );
+const STORE_RECOVERIES: Spec = Spec::new(
+    "aiguard_store_recoveries_total",
+    "Times the shared store came back (after what waited for it was written back).",
+    &[],
+);
+const STORE_OPERATIONS: Spec = Spec::new(
+    "aiguard_store_operations_total",
+    "Operations sent to the shared store (decisions, settlements, write-backs, replication).",
+    &[],
+);
 const STORE_OUTBOX: Spec = Spec::new(
     "aiguard_store_outbox_tokens",
     "Tokens counted while the shared store was out of reach, not yet written back.",
@@ -82,7 +92,7 @@ const STORE_REPLICATED: Spec = Spec::new(
     &[],
 );
 
-const ALL: [Spec; 10] = [
+const ALL: [Spec; 12] = [
     PACKETS,
     SHADOW,
     BANS,
@@ -91,6 +101,8 @@ const ALL: [Spec; 10] = [
     STORE_ERRORS,
     STORE_FALLBACKS,
     STORE_OUTAGES,
+    STORE_RECOVERIES,
+    STORE_OPERATIONS,
     STORE_OUTBOX,
     STORE_REPLICATED,
 ];
@@ -181,6 +193,10 @@ pub fn store_families(s: &SharedStatus) -> Vec<MetricFamily> {
     fallbacks.with_label_values(NO_LABELS).inc_by(s.fallbacks);
     let outages = STORE_OUTAGES.counters();
     outages.with_label_values(NO_LABELS).inc_by(s.outages);
+    let recoveries = STORE_RECOVERIES.counters();
+    recoveries.with_label_values(NO_LABELS).inc_by(s.recoveries);
+    let operations = STORE_OPERATIONS.counters();
+    operations.with_label_values(NO_LABELS).inc_by(s.operations);
     let outbox = STORE_OUTBOX.gauges();
     outbox
         .with_label_values(NO_LABELS)
@@ -193,6 +209,8 @@ pub fn store_families(s: &SharedStatus) -> Vec<MetricFamily> {
     out.extend(families::collect(&errors));
     out.extend(families::collect(&fallbacks));
     out.extend(families::collect(&outages));
+    out.extend(families::collect(&recoveries));
+    out.extend(families::collect(&operations));
     out.extend(families::collect(&outbox));
     out.extend(families::collect(&replicated));
     out
@@ -403,11 +421,12 @@ mod tests {
             up: false,
             state_secs: Some(3),
             last_error: Some("connection refused".into()),
+            operations: 40,
             errors: 4,
             timeouts: 2,
             fallbacks: 9,
             outages: 1,
-            recoveries: 0,
+            recoveries: 2,
             outbox_tokens: 120,
             retries_pending: 0,
             bans_replicated: 11,
@@ -418,6 +437,8 @@ mod tests {
         has(&p, "aiguard_store_errors_total{kind=\"timeout\"} 2");
         has(&p, "aiguard_store_fallback_decisions_total 9");
         has(&p, "aiguard_store_outages_total 1");
+        has(&p, "aiguard_store_recoveries_total 2");
+        has(&p, "aiguard_store_operations_total 40");
         has(&p, "aiguard_store_outbox_tokens 120");
         has(&p, "aiguard_store_bans_replicated_total 11");
         assert!(!p.contains("connection refused"), "no free text in labels");

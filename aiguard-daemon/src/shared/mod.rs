@@ -99,6 +99,8 @@ pub struct Health {
     /// Set while a probe that reached Redis writes back what waited for it (before the
     /// store is marked up); operations may use Redis meanwhile.
     probing: AtomicBool,
+    /// Operations sent to Redis (decisions, settlements, write-backs, ban replication).
+    pub operations: AtomicU64,
     pub errors: AtomicU64,
     pub timeouts: AtomicU64,
     /// Decisions taken without Redis (by a tier's failure mode).
@@ -117,6 +119,8 @@ pub struct SharedStatus {
     /// Seconds in the current state.
     pub state_secs: Option<u64>,
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub operations: u64,
     pub errors: u64,
     pub timeouts: u64,
     pub fallbacks: u64,
@@ -343,6 +347,7 @@ impl Shared {
         let Some(conn) = self.conn() else {
             return Err(StoreFailure::Down);
         };
+        self.health.operations.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(budget, f(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -540,6 +545,7 @@ impl Shared {
             up: h.is_up(),
             state_secs: last.0.map(|t| t.elapsed().as_secs()),
             last_error: last.1.clone(),
+            operations: h.operations.load(Ordering::Relaxed),
             errors: h.errors.load(Ordering::Relaxed),
             timeouts: h.timeouts.load(Ordering::Relaxed),
             fallbacks: h.fallbacks.load(Ordering::Relaxed),
