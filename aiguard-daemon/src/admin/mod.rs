@@ -7,6 +7,7 @@
 pub mod client;
 mod gateway_ops;
 pub mod server;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 
@@ -82,6 +83,9 @@ pub enum Request {
     },
     /// Re-read the configuration (as SIGHUP does).
     Reload,
+    /// Everything `aiguard top` shows, in one reply: verdict counters, the most hit bans,
+    /// requests per tier, store health.
+    Top,
 }
 
 /// What the daemon answers.
@@ -132,6 +136,7 @@ pub enum Reply {
         /// Changed settings that only take effect after a restart.
         needs_restart: Vec<String>,
     },
+    Top(Box<TopSnapshot>),
     /// The request was refused or failed; nothing was changed.
     Error {
         kind: ErrorKind,
@@ -195,6 +200,66 @@ pub struct GatewayStatus {
     pub store_unavailable: u64,
 }
 
+/// How many bans a `Top` reply names (the most hit).
+pub const TOP_BANS_LIMIT: usize = 10;
+
+/// `aiguard top`: the node's counters at one moment. Counters are totals since they started;
+/// the viewer turns two snapshots into rates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopSnapshot {
+    /// The shared store's node name, else the host name.
+    pub node: String,
+    pub version: String,
+    pub uptime_secs: u64,
+    /// The daemon's clock (Unix ms) when the snapshot was taken.
+    pub now_ms: u64,
+    pub interfaces: Vec<String>,
+    /// Packets passed, for every reason, over all interfaces.
+    pub passed: u64,
+    /// Packets dropped at the NIC by reason (`banned`, `rate`), over all interfaces.
+    pub drops: BTreeMap<String, u64>,
+    /// Bans in the table.
+    pub bans: usize,
+    /// The [`TOP_BANS_LIMIT`] most hit bans, most hit first.
+    pub top_bans: Vec<TopBan>,
+    /// Whether the gateway runs.
+    pub gateway: bool,
+    /// Gateway requests per tier (`none`: refused before a key named one).
+    pub tiers: Vec<TierRequests>,
+    /// The shared store's health; none with the embedded store only.
+    pub store: Option<crate::shared::SharedStatus>,
+}
+
+/// One ban and the packets it matched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopBan {
+    pub range: String,
+    pub hits: u64,
+    pub reason: String,
+    pub shadow: bool,
+}
+
+/// Gateway requests of one tier, by outcome (`allowed`, `rate_limited`, `quota_exceeded`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TierRequests {
+    pub tier: String,
+    pub outcomes: BTreeMap<String, u64>,
+}
+
+impl TierRequests {
+    pub fn allowed(&self) -> u64 {
+        self.outcomes.get("allowed").copied().unwrap_or(0)
+    }
+
+    /// Refused by a rate, concurrency or quota limit.
+    pub fn limited(&self) -> u64 {
+        ["rate_limited", "quota_exceeded"]
+            .iter()
+            .map(|o| self.outcomes.get(*o).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
 /// `aiguard quota TENANT`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuotaReport {
@@ -236,4 +301,43 @@ pub struct BucketStatus {
     pub ports: Vec<u16>,
     pub all_ports: bool,
     pub syn_only: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_top_request_and_its_reply_keep_their_shape_on_the_wire() {
+        assert_eq!(
+            serde_json::to_string(&Request::Top).expect("serialises"),
+            r#"{"op":"top"}"#
+        );
+        let snapshot = TopSnapshot {
+            node: "n1".into(),
+            version: "0.1.0".into(),
+            uptime_secs: 5,
+            now_ms: 1_000,
+            interfaces: vec!["eth0".into()],
+            passed: 10,
+            drops: [("banned".to_owned(), 3), ("rate".to_owned(), 0)].into(),
+            bans: 1,
+            top_bans: vec![TopBan {
+                range: "203.0.113.0/24".into(),
+                hits: 3,
+                reason: "stuffing".into(),
+                shadow: false,
+            }],
+            gateway: true,
+            tiers: vec![TierRequests {
+                tier: "free".into(),
+                outcomes: [("allowed".to_owned(), 4), ("rate_limited".to_owned(), 2)].into(),
+            }],
+            store: None,
+        };
+        let reply = Reply::Top(Box::new(snapshot));
+        let line = serde_json::to_string(&reply).expect("serialises");
+        assert!(line.starts_with(r#"{"reply":"top","node":"n1""#), "{line}");
+        assert_eq!(serde_json::from_str::<Reply>(&line).expect("parses"), reply);
+    }
 }

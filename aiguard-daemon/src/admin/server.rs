@@ -243,6 +243,9 @@ pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
     if super::gateway_ops::is_gateway_request(&request) {
         return super::gateway_ops::handle(&mut guard, request);
     }
+    if request == Request::Top {
+        return super::snapshot::top(&guard);
+    }
     let gateway = super::gateway_ops::status(&guard);
     let Node {
         dataplane,

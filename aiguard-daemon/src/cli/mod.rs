@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 mod gateway;
+mod top;
 
 use crate::{
     admin::{Reply, Request, StatusReport, client},
@@ -80,6 +81,9 @@ pub enum Command {
     Usage(gateway::UsageArgs),
     /// Re-read the configuration (tiers, tenants, prices, gateway settings), as SIGHUP does.
     Reload,
+    /// Live view, refreshed each second: drops/s by reason, the most hit bans, requests/s per
+    /// tier. `q`, Esc or Ctrl-C quits.
+    Top,
 }
 
 /// `aiguard run`: flags override the config file, which overrides the defaults.
@@ -362,6 +366,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Quota { tenant, json } => gateway::quota(&admin_socket(), tenant, json),
         Command::Usage(args) => gateway::usage(&admin_socket(), args),
         Command::Reload => gateway::reload(&admin_socket()),
+        Command::Top => top::run(&admin_socket()),
     }
 }
 
