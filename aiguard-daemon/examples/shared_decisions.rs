@@ -2,26 +2,43 @@
 //! `cargo xtask bench redis`. One run, one mode; prints one JSON object.
 //!
 //! ```text
-//! shared_decisions --mode memory|sequential|pipelined|rate [--url redis://...] [--seconds 5]
-//!                  [--concurrency 64] [--rate 10000] [--tenants 1000]
+//! shared_decisions --mode memory|sequential|pipelined|rate [--url redis://...] [--seconds 3]
+//!                  [--warmup 0.5] [--concurrency 64] [--rate 20000] [--tenants 1000]
 //! ```
 //!
-//! - `memory`: the in-memory limiter, one decision after another;
-//! - `sequential`: Redis without pipelining: one request at a time (admit, then its settlement,
-//!   each a round trip);
-//! - `pipelined`: `--concurrency` requests at a time over the one multiplexed connection, so
-//!   their scripts share round trips;
-//! - `rate`: requests started at a fixed `--rate` (open loop), latency from the scheduled start:
-//!   what a request waits for its decision when Redis is not saturated.
+//! Every request is a full decision as the gateway makes it: an admission (tenant and key
+//! levels with every limit set, never refused; a token reservation; the monthly quota), then
+//! its settlement. Every mode times the same two things, apart:
+//! - the admission, from its call to its answer: what a decision adds to a request's latency
+//!   (the gateway forwards the request only then);
+//! - the settlement, from its call to its answer: the gateway runs it after the response, off
+//!   the request path, but its cost is in the throughput.
 //!
-//! Every request is a full decision as the gateway makes it: tenant and key levels with every
-//! limit set (never refused), a token reservation, the monthly quota, then a settlement.
+//! A decision counts when both succeeded; failed admissions, refusals, failed settlements (and,
+//! in the fixed-rate mode, requests still unanswered at the end) are counted apart, and the
+//! first error's message is kept. The first `--warmup` seconds (connecting, loading the
+//! scripts, first allocations) are not counted.
+//!
+//! - `memory`: the in-memory limiter, one decision after another;
+//! - `sequential`: Redis without pipelining: one request at a time (admission, then its
+//!   settlement, each a round trip);
+//! - `pipelined`: `--concurrency` requests at a time over the one multiplexed connection, so
+//!   their scripts share round trips (closed loop: latency here includes queueing);
+//! - `rate`: requests due at a fixed `--rate` (open loop), paced by a timerfd armed at each due
+//!   time (tokio's timer ticks in milliseconds, which would send in bursts). An admission is
+//!   timed from the instant it is sent; how late the generator sent it (sent - due) is reported
+//!   apart as `lag`, and `achieved_rate` says whether the schedule held.
+//!
+//! Redis runs on one tokio worker, the mode's own loop included: a node's gateway shares its
+//! CPU with everything else.
 use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd, RawFd},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aiguard_daemon::{
@@ -31,11 +48,28 @@ use aiguard_daemon::{
     tiers::{Limits, QuotaEnforcement, TenantPolicy},
     usage::Today,
 };
+use nix::sys::{
+    time::TimeSpec,
+    timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags},
+};
+use serde::Serialize;
+use tokio::{io::unix::AsyncFd, task::JoinSet};
+
+/// Tokens each request reserves, then reports as used.
+const RESERVED: u64 = 120;
+const USED: u64 = 100;
+/// Long enough that a slow answer is measured, not cut off: the gateway's default is 50 ms.
+const DECISION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Once the last request is due, how long the fixed-rate mode waits for the answers.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Between setting up and the first due time.
+const LEAD_IN: Duration = Duration::from_millis(20);
 
 struct Args {
     mode: String,
     url: String,
     seconds: f64,
+    warmup: f64,
     concurrency: usize,
     rate: f64,
     tenants: usize,
@@ -45,9 +79,10 @@ fn args() -> Args {
     let mut a = Args {
         mode: "memory".into(),
         url: "redis://127.0.0.1:6379".into(),
-        seconds: 5.0,
+        seconds: 3.0,
+        warmup: 0.5,
         concurrency: 64,
-        rate: 10_000.0,
+        rate: 20_000.0,
         tenants: 1000,
     };
     let mut it = std::env::args().skip(1);
@@ -57,6 +92,7 @@ fn args() -> Args {
             "--mode" => a.mode = value(),
             "--url" => a.url = value(),
             "--seconds" => a.seconds = value().parse().expect("--seconds"),
+            "--warmup" => a.warmup = value().parse().expect("--warmup"),
             "--concurrency" => a.concurrency = value().parse().expect("--concurrency"),
             "--rate" => a.rate = value().parse().expect("--rate"),
             "--tenants" => a.tenants = value().parse().expect("--tenants"),
@@ -65,6 +101,14 @@ fn args() -> Args {
             other => panic!("unknown argument {other}"),
         }
     }
+    assert!(a.seconds > 0.0, "--seconds must be positive");
+    assert!(a.warmup >= 0.0, "--warmup must not be negative");
+    assert!(a.concurrency >= 1, "--concurrency must be at least 1");
+    assert!(
+        a.rate >= 1.0 && a.rate.is_finite(),
+        "--rate must be at least 1"
+    );
+    assert!(a.tenants >= 1, "--tenants must be at least 1");
     a
 }
 
@@ -113,7 +157,7 @@ impl Work {
             key: &self.keys[(i / n + i) % n],
             policy: &self.policy,
             model: None,
-            tokens: 120,
+            tokens: RESERVED,
             min_tokens: 20,
             month: self.month,
             month_left: self.month_left,
@@ -121,190 +165,514 @@ impl Work {
     }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+/// CLOCK_MONOTONIC in nanoseconds: the clock the pacing timerfd is armed on.
+fn now_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// CPU time of the whole process (every thread), in seconds.
+fn process_cpu_secs() -> f64 {
+    let spent = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .expect("clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    spent.tv_sec() as f64 + spent.tv_nsec() as f64 / 1e9
+}
+
+fn secs_ns(secs: f64) -> u64 {
+    (secs * 1e9) as u64
+}
+
+/// Percentiles of one run, in microseconds.
+#[derive(Debug, Serialize)]
+struct Percentiles {
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+impl Percentiles {
+    /// Of `values_ns`, which this sorts; `None` when there are none.
+    fn of(values_ns: &mut [u64]) -> Option<Self> {
+        values_ns.sort_unstable();
+        let us = |ns: u64| ns as f64 / 1e3;
+        Some(Self {
+            p50_us: us(percentile(values_ns, 0.50)?),
+            p99_us: us(percentile(values_ns, 0.99)?),
+            max_us: us(*values_ns.last()?),
+        })
     }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i] as f64 / 1000.0
 }
 
-fn report(mode: &str, decisions: u64, elapsed: Duration, mut latencies_ns: Vec<u64>, errors: u64) {
-    latencies_ns.sort_unstable();
-    let out = serde_json::json!({
-        "mode": mode,
-        "decisions": decisions,
-        "seconds": elapsed.as_secs_f64(),
-        "decisions_per_s": decisions as f64 / elapsed.as_secs_f64(),
-        "p50_us": percentile(&latencies_ns, 0.50),
-        "p99_us": percentile(&latencies_ns, 0.99),
-        "errors": errors,
-    });
-    println!("{out}");
+/// The nearest-rank percentile `p` (0 < p <= 1) of ascending `sorted`.
+fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() || !(p > 0.0 && p <= 1.0) {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }
 
-fn memory(a: &Args) {
+/// How one request went.
+enum Outcome {
+    /// Admitted and settled.
+    Decided { admit_ns: u64, settle_ns: u64 },
+    /// Admitted; the settlement failed.
+    SettleFailed { admit_ns: u64, error: String },
+    /// Refused (the limits are set so that none is).
+    Refused,
+    /// Redis did not decide.
+    AdmitFailed { error: String },
+}
+
+/// The counted requests of a run.
+#[derive(Default)]
+struct Tally {
+    /// Admission latency of every admitted request (settled or not).
+    admit_ns: Vec<u64>,
+    settle_ns: Vec<u64>,
+    decisions: u64,
+    admit_errors: u64,
+    refused: u64,
+    settle_errors: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn add(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Decided {
+                admit_ns,
+                settle_ns,
+            } => {
+                self.decisions += 1;
+                self.admit_ns.push(admit_ns);
+                self.settle_ns.push(settle_ns);
+            }
+            Outcome::SettleFailed { admit_ns, error } => {
+                self.settle_errors += 1;
+                self.admit_ns.push(admit_ns);
+                self.first_error
+                    .get_or_insert(format!("settlement: {error}"));
+            }
+            Outcome::Refused => {
+                self.refused += 1;
+                self.first_error
+                    .get_or_insert_with(|| "admission: refused".to_owned());
+            }
+            Outcome::AdmitFailed { error } => {
+                self.admit_errors += 1;
+                self.first_error
+                    .get_or_insert(format!("admission: {error}"));
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.admit_ns.extend(other.admit_ns);
+        self.settle_ns.extend(other.settle_ns);
+        self.decisions += other.decisions;
+        self.admit_errors += other.admit_errors;
+        self.refused += other.refused;
+        self.settle_errors += other.settle_errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn requests(&self) -> u64 {
+        self.decisions + self.admit_errors + self.refused + self.settle_errors
+    }
+}
+
+/// What one run prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    mode: String,
+    /// The fixed-rate mode's requested rate.
+    rate: Option<f64>,
+    /// The counted window: from the first counted request's start (its due time at a fixed
+    /// rate) to the last counted answer.
+    seconds: f64,
+    /// Requests started in the window.
+    requests: u64,
+    /// Of those, admitted and settled.
+    decisions: u64,
+    decisions_per_s: f64,
+    admit_errors: u64,
+    refused: u64,
+    settle_errors: u64,
+    /// Fixed rate: requests still unanswered `DRAIN_TIMEOUT` after the last was due.
+    unfinished: u64,
+    first_error: Option<String>,
+    /// Admission latency: what a decision adds to a request.
+    admit: Option<Percentiles>,
+    settle: Option<Percentiles>,
+    /// Fixed rate: how late each counted request was sent (sent - due).
+    lag: Option<Percentiles>,
+    /// Fixed rate: decisions over the window; the requested rate when the node kept up.
+    achieved_rate: Option<f64>,
+    /// Process CPU time (every thread) over the window, per counted request (decided or not).
+    node_cpu_us_per_request: f64,
+    /// Requests sent in the whole run, warm-up included.
+    requests_total: u64,
+}
+
+/// A run's raw figures, before they become a [`Report`].
+struct Run {
+    tally: Tally,
+    window_ns: u64,
+    cpu_secs: f64,
+    requests_total: u64,
+    lag_ns: Option<Vec<u64>>,
+    unfinished: u64,
+}
+
+impl Run {
+    fn report(mut self, mode: &str, rate: Option<f64>) -> Report {
+        let seconds = self.window_ns.max(1) as f64 / 1e9;
+        let decisions_per_s = self.tally.decisions as f64 / seconds;
+        let unfinished = self.unfinished;
+        Report {
+            mode: mode.to_owned(),
+            rate,
+            seconds,
+            requests: self.tally.requests() + unfinished,
+            decisions: self.tally.decisions,
+            decisions_per_s,
+            admit_errors: self.tally.admit_errors,
+            refused: self.tally.refused,
+            settle_errors: self.tally.settle_errors,
+            unfinished,
+            first_error: self
+                .tally
+                .first_error
+                .take()
+                .or_else(|| (unfinished > 0).then(|| format!("{unfinished} requests unanswered"))),
+            admit: Percentiles::of(&mut self.tally.admit_ns),
+            settle: Percentiles::of(&mut self.tally.settle_ns),
+            lag: self.lag_ns.as_mut().and_then(|l| Percentiles::of(l)),
+            achieved_rate: rate.map(|_| decisions_per_s),
+            node_cpu_us_per_request: self.cpu_secs * 1e6
+                / (self.tally.requests() + unfinished).max(1) as f64,
+            requests_total: self.requests_total,
+        }
+    }
+}
+
+fn memory(a: &Args) -> Run {
     let work = Work::new(a.tenants);
     let limiter = Limiter::new();
-    let run_for = Duration::from_secs_f64(a.seconds);
-    let mut lat = Vec::with_capacity(1 << 20);
-    let started = Instant::now();
+    let window_start = now_ns() + secs_ns(a.warmup);
+    let end = window_start + secs_ns(a.seconds);
+    let mut tally = Tally::default();
+    let mut first: Option<(u64, f64)> = None;
+    let mut last_ns = window_start;
     let mut i = 0usize;
-    while started.elapsed() < run_for {
-        let t = Instant::now();
-        let adm = limiter.admit(&work.demand(i)).expect("admitted");
-        adm.settle(100);
-        lat.push(t.elapsed().as_nanos() as u64);
-        i += 1;
-    }
-    report("memory", i as u64, started.elapsed(), lat, 0);
-}
-
-async fn shared(url: &str) -> Arc<Shared> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    std::mem::forget(dir);
-    let settings = StoreSettings {
-        backend: Backend::Redis,
-        urls: vec![url.to_owned()],
-        prefix: format!("bench{}:", std::process::id()),
-        decision_timeout: Duration::from_secs(2),
-        ..StoreSettings::default()
-    };
-    let s = Shared::open(&settings, store).await.expect("shared store");
-    assert!(s.health.is_up(), "Redis at {url} does not answer");
-    s
-}
-
-async fn sequential(a: &Args) {
-    let shared = shared(&a.url).await;
-    let work = Work::new(a.tenants);
-    let run_for = Duration::from_secs_f64(a.seconds);
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    let started = Instant::now();
-    let mut i = 0usize;
-    while started.elapsed() < run_for {
-        let t = Instant::now();
-        match shared.admit(&work.demand(i)).await {
-            Ok(Ok(adm)) => {
-                lat.push(t.elapsed().as_nanos() as u64);
-                if adm.settle_and_wait(100).await.is_err() {
-                    errors += 1;
-                }
-            }
-            _ => errors += 1,
+    loop {
+        let t0 = now_ns();
+        if t0 >= end {
+            break;
         }
+        let outcome = match limiter.admit(&work.demand(i)) {
+            Ok(admission) => {
+                let t1 = now_ns();
+                admission.settle(USED);
+                let t2 = now_ns();
+                last_ns = t2;
+                Outcome::Decided {
+                    admit_ns: t1 - t0,
+                    settle_ns: t2 - t1,
+                }
+            }
+            Err(_) => {
+                last_ns = now_ns();
+                Outcome::Refused
+            }
+        };
         i += 1;
+        if t0 >= window_start {
+            first.get_or_insert_with(|| (t0, process_cpu_secs()));
+            tally.add(outcome);
+        }
     }
-    report("sequential", i as u64, started.elapsed(), lat, errors);
+    let cpu_end = process_cpu_secs();
+    let (first_ns, cpu_start) = first.unwrap_or((window_start, cpu_end));
+    Run {
+        tally,
+        window_ns: last_ns.saturating_sub(first_ns),
+        cpu_secs: cpu_end - cpu_start,
+        requests_total: i as u64,
+        lag_ns: None,
+        unfinished: 0,
+    }
 }
 
-async fn pipelined(a: &Args) {
-    let shared = shared(&a.url).await;
+/// A node's shared store, over an embedded store in a directory of its own that goes with it.
+struct Node {
+    shared: Arc<Shared>,
+    /// Declared after `shared`, so the store is closed before its directory is removed.
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn open(url: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let settings = StoreSettings {
+            backend: Backend::Redis,
+            urls: vec![url.to_owned()],
+            prefix: format!("bench{}:", std::process::id()),
+            decision_timeout: DECISION_TIMEOUT,
+            ..StoreSettings::default()
+        };
+        let shared = Shared::open(&settings, store).await.expect("shared store");
+        assert!(shared.health.is_up(), "Redis at {url} does not answer");
+        Self { shared, _dir: dir }
+    }
+}
+
+/// One request against Redis, as the gateway makes it: admission, then settlement.
+async fn decide(shared: &Arc<Shared>, demand: &Demand<'_>) -> Outcome {
+    let t0 = now_ns();
+    match shared.admit(demand).await {
+        Ok(Ok(admission)) => {
+            let t1 = now_ns();
+            let settled = admission.settle_and_wait(USED).await;
+            let t2 = now_ns();
+            match settled {
+                Ok(()) => Outcome::Decided {
+                    admit_ns: t1 - t0,
+                    settle_ns: t2 - t1,
+                },
+                Err(e) => Outcome::SettleFailed {
+                    admit_ns: t1 - t0,
+                    error: e.to_string(),
+                },
+            }
+        }
+        Ok(Err(_)) => Outcome::Refused,
+        Err(e) => Outcome::AdmitFailed {
+            error: e.to_string(),
+        },
+    }
+}
+
+/// `tasks` requests at a time (1: sequential), each task starting its next one when its last
+/// is settled, until the window ends.
+async fn closed_loop(a: &Args, tasks: usize) -> Run {
+    let node = Node::open(&a.url).await;
     let work = Arc::new(Work::new(a.tenants));
-    let run_for = Duration::from_secs_f64(a.seconds);
+    let window_start = now_ns() + secs_ns(a.warmup);
+    let end = window_start + secs_ns(a.seconds);
     let next = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..a.concurrency {
-        let (shared, work, next, errors) =
-            (shared.clone(), work.clone(), next.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            while started.elapsed() < run_for {
+    let mut set = JoinSet::new();
+    for _ in 0..tasks {
+        let (shared, work, next) = (node.shared.clone(), work.clone(), next.clone());
+        set.spawn(async move {
+            let mut tally = Tally::default();
+            let mut first_ns = u64::MAX;
+            let mut last_ns = 0;
+            loop {
+                let started = now_ns();
+                if started >= end {
+                    break;
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let t = Instant::now();
-                match shared.admit(&work.demand(i)).await {
-                    Ok(Ok(adm)) => {
-                        lat.push(t.elapsed().as_nanos() as u64);
-                        if adm.settle_and_wait(100).await.is_err() {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                let outcome = decide(&shared, &work.demand(i)).await;
+                if started >= window_start {
+                    first_ns = first_ns.min(started);
+                    last_ns = now_ns();
+                    tally.add(outcome);
                 }
             }
-            lat
-        }));
+            (tally, first_ns, last_ns)
+        });
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("task"));
+    // CPU from the window's start (to the timer's millisecond, against seconds of window).
+    tokio::time::sleep(Duration::from_nanos(window_start.saturating_sub(now_ns()))).await;
+    let cpu_start = process_cpu_secs();
+    let mut tally = Tally::default();
+    let (mut first_ns, mut last_ns) = (u64::MAX, 0);
+    while let Some(joined) = set.join_next().await {
+        let (t, first, last) = joined.expect("a request task panicked");
+        tally.merge(t);
+        first_ns = first_ns.min(first);
+        last_ns = last_ns.max(last);
     }
-    let elapsed = started.elapsed();
-    report(
-        "pipelined",
-        lat.len() as u64,
-        elapsed,
-        lat,
-        errors.load(Ordering::Relaxed),
-    );
+    let cpu_secs = process_cpu_secs() - cpu_start;
+    Run {
+        tally,
+        window_ns: last_ns.saturating_sub(first_ns),
+        cpu_secs,
+        requests_total: next.load(Ordering::Relaxed),
+        lag_ns: None,
+        unfinished: 0,
+    }
 }
 
-async fn fixed_rate(a: &Args) {
-    let shared = shared(&a.url).await;
-    let work = Arc::new(Work::new(a.tenants));
-    let total = (a.rate * a.seconds) as u64;
-    let interval = Duration::from_secs_f64(1.0 / a.rate);
-    let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
-    let errors = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = started + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let (shared, work, lat, errors) =
-            (shared.clone(), work.clone(), lat.clone(), errors.clone());
-        tasks.spawn(async move {
-            match shared.admit(&work.demand(i as usize)).await {
-                Ok(Ok(adm)) => {
-                    let took = due.elapsed().as_nanos() as u64;
-                    lat.lock().expect("lock").push(took);
-                    let _ = adm.settle_and_wait(100).await;
-                }
-                _ => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        while tasks.try_join_next().is_some() {}
+/// One fixed-rate request's record.
+struct Paced {
+    counted: bool,
+    lag_ns: u64,
+    done_ns: u64,
+    outcome: Outcome,
+}
+
+impl Paced {
+    fn record(self, tally: &mut Tally, lags: &mut Vec<u64>, last_ns: &mut u64) {
+        if self.counted {
+            lags.push(self.lag_ns);
+            *last_ns = (*last_ns).max(self.done_ns);
+            tally.add(self.outcome);
+        }
     }
-    while tasks.join_next().await.is_some() {}
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let lat = std::mem::take(&mut *lat.lock().expect("lock"));
-    report(
-        "rate",
-        lat.len() as u64,
-        elapsed,
-        lat,
-        errors.load(Ordering::Relaxed),
-    );
+}
+
+async fn fixed_rate(a: &Args) -> Run {
+    let node = Node::open(&a.url).await;
+    let work = Arc::new(Work::new(a.tenants));
+    let warmup = (a.warmup * a.rate).round() as u64;
+    let total = warmup + (a.seconds * a.rate).round() as u64;
+    let timer = Timer::new().expect("timerfd");
+    let start = now_ns() + LEAD_IN.as_nanos() as u64;
+    let due_at = |i: u64| start + (i as f64 * 1e9 / a.rate) as u64;
+    let first_counted_due = due_at(warmup);
+
+    let mut tally = Tally::default();
+    let mut lags = Vec::with_capacity(total.saturating_sub(warmup) as usize);
+    let mut last_ns = first_counted_due;
+    let mut tasks = JoinSet::new();
+    let mut cpu_start = None;
+    let mut next = 0;
+    while next < total {
+        timer.sleep_until(due_at(next)).await.expect("timerfd");
+        let now = now_ns();
+        // Everything due by now goes out, late or not: the schedule never slips.
+        while next < total && due_at(next) <= now {
+            if next == warmup {
+                cpu_start = Some(process_cpu_secs());
+            }
+            let (shared, work) = (node.shared.clone(), work.clone());
+            let (i, due_ns, counted) = (next, due_at(next), next >= warmup);
+            tasks.spawn(async move {
+                // Sent now: the admission is timed from here, the wait for it was the
+                // generator's.
+                let sent_ns = now_ns();
+                let outcome = decide(&shared, &work.demand(i as usize)).await;
+                Paced {
+                    counted,
+                    lag_ns: sent_ns.saturating_sub(due_ns),
+                    done_ns: now_ns(),
+                    outcome,
+                }
+            });
+            next += 1;
+        }
+        while let Some(joined) = tasks.try_join_next() {
+            joined
+                .expect("a request task panicked")
+                .record(&mut tally, &mut lags, &mut last_ns);
+        }
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(joined) = tasks.join_next().await {
+            joined
+                .expect("a request task panicked")
+                .record(&mut tally, &mut lags, &mut last_ns);
+        }
+    })
+    .await;
+    let cpu_secs = cpu_start.map_or(0.0, |c| process_cpu_secs() - c);
+    // Unanswered: a decision gives up after DECISION_TIMEOUT, a settlement after the
+    // background budget, so none should be; any is an error of the run.
+    let unfinished = if drained.is_err() {
+        let left = tasks.len() as u64;
+        tasks.abort_all();
+        left
+    } else {
+        0
+    };
+    Run {
+        tally,
+        window_ns: last_ns.saturating_sub(first_counted_due),
+        cpu_secs,
+        requests_total: total,
+        lag_ns: Some(lags),
+        unfinished,
+    }
+}
+
+/// A one-shot timerfd on CLOCK_MONOTONIC, awaited through the runtime's reactor.
+struct Timer(AsyncFd<TimerHandle>);
+
+struct TimerHandle(TimerFd);
+
+impl AsRawFd for TimerHandle {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl Timer {
+    fn new() -> io::Result<Self> {
+        let fd = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        // SAFETY: the TimerFd owns its descriptor and closes it only when dropped, which is
+        // when the AsyncFd holding it drops; as_raw_fd always returns that descriptor.
+        let registered = unsafe { AsyncFd::register(TimerHandle(fd)) };
+        Ok(Self(registered.map_err(io::Error::from)?))
+    }
+
+    /// Returns at `at_ns` (CLOCK_MONOTONIC), at once if that has passed.
+    async fn sleep_until(&self, at_ns: u64) -> io::Result<()> {
+        let at = TimeSpec::from_duration(Duration::from_nanos(at_ns));
+        self.0.get_ref().0.set(
+            Expiration::OneShot(at),
+            TimerSetTimeFlags::TFD_TIMER_ABSTIME,
+        )?;
+        loop {
+            let mut ready = self.0.readable().await?;
+            // Reading the expiry count clears the readiness; EAGAIN means a stale wake-up.
+            match ready.try_io(|fd| fd.get_ref().0.wait().map_err(io::Error::from)) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
 }
 
 fn main() {
-    let a = args();
-    if a.mode == "memory" {
-        memory(&a);
-        return;
-    }
-    // One worker: a node's gateway shares its CPU with everything else.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        match a.mode.as_str() {
-            "sequential" => sequential(&a).await,
-            "pipelined" => pipelined(&a).await,
-            "rate" => fixed_rate(&a).await,
-            other => panic!("unknown mode {other}"),
-        }
-    });
+    let a = Arc::new(args());
+    let run = if a.mode == "memory" {
+        memory(&a)
+    } else {
+        // One worker: a node's gateway shares its CPU with everything else. The mode's own
+        // loop runs on it too (spawned), not on the thread that waits for it.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mode = a.clone();
+        rt.block_on(async move {
+            tokio::spawn(async move {
+                match mode.mode.as_str() {
+                    "sequential" => closed_loop(&mode, 1).await,
+                    "pipelined" => closed_loop(&mode, mode.concurrency).await,
+                    "rate" => fixed_rate(&mode).await,
+                    other => panic!("unknown mode {other}"),
+                }
+            })
+            .await
+            .expect("the run panicked")
+        })
+    };
+    let rate = (a.mode == "rate").then_some(a.rate);
+    let report = run.report(&a.mode, rate);
+    println!(
+        "{}",
+        serde_json::to_string(&report).expect("a report is JSON")
+    );
 }
