@@ -178,3 +178,53 @@ pub fn chat_request(
     )))
     .expect("request")
 }
+
+/// A config for one gateway on `127.0.0.1:0` in front of `upstream`, the `free` tier as the
+/// default, plus `tiers` (TOML).
+pub fn config(upstream: &crate::upstream::Upstream, tiers: &str) -> String {
+    format!(
+        "[gateway]\nlisten = [\"127.0.0.1:0\"]\nupstreams = [\"{}\"]\ndefault_tier = \"free\"\n{tiers}",
+        upstream.url()
+    )
+}
+
+/// A one-message chat request body for `model`.
+pub fn chat(model: &str, max_tokens: u64) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})
+}
+
+/// [`chat`] with the model `gpt-test`.
+pub fn hello(max_tokens: u64) -> serde_json::Value {
+    chat("gpt-test", max_tokens)
+}
+
+/// Prompt tokens the gateway estimates for [`chat`]: 3 per message + "user" + "hi" + 3.
+pub const HELLO_PROMPT: u64 = 8;
+
+/// Fires `n` requests at once, each from its own task, and returns the answers.
+pub async fn burst(
+    n: usize,
+    make: impl Fn(usize) -> Request<Full<Bytes>> + Send + Sync + 'static,
+) -> Vec<Answer> {
+    let make = Arc::new(make);
+    let client = client();
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (client, make, barrier) = (client.clone(), make.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            send(&client, make(i)).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("client task"));
+    }
+    out
+}
+
+/// How many of `answers` have `status`.
+pub fn count(answers: &[Answer], status: u16) -> usize {
+    answers.iter().filter(|a| a.status == status).count()
+}

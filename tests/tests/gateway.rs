@@ -2,13 +2,10 @@
 //! loopback HTTP: limits exact under concurrency, token accounting against real-shaped
 //! responses (JSON and SSE), quotas, identity, client addresses, streaming pass-through, reload.
 //! No privilege needed: the XDP part is not involved.
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aiguard_tests::{
-    gateway::{Answer, TestGateway, chat_request, client, send},
+    gateway::{HELLO_PROMPT, TestGateway, burst, chat_request, client, config, count, hello, send},
     upstream::{Upstream, UpstreamOptions, headers as up},
 };
 use bytes::Bytes;
@@ -19,47 +16,6 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
-
-fn config(upstream: &Upstream, tiers: &str) -> String {
-    format!(
-        "[gateway]\nlisten = [\"127.0.0.1:0\"]\nupstreams = [\"{}\"]\ndefault_tier = \"free\"\n{tiers}",
-        upstream.url()
-    )
-}
-
-fn hello(max_tokens: u64) -> serde_json::Value {
-    json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})
-}
-
-/// Prompt tokens the gateway estimates for [`hello`]: 3 per message + "user" + "hi" + 3.
-const HELLO_PROMPT: u64 = 8;
-
-/// Fires `n` requests at once, each from its own task, and returns the answers.
-async fn burst(
-    n: usize,
-    make: impl Fn(usize) -> Request<Full<Bytes>> + Send + Sync + 'static,
-) -> Vec<Answer> {
-    let make = Arc::new(make);
-    let client = client();
-    let barrier = Arc::new(tokio::sync::Barrier::new(n));
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (client, make, barrier) = (client.clone(), make.clone(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            send(&client, make(i)).await
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.expect("client task"));
-    }
-    out
-}
-
-fn count(answers: &[Answer], status: u16) -> usize {
-    answers.iter().filter(|a| a.status == status).count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_clients_on_one_key_get_exactly_the_request_limit() {

@@ -2,11 +2,12 @@
 //! upstream: requests per day (tier and per key), each tenant override taking the place of its
 //! tier's value for that tenant only, and per-model limits that leave other models alone.
 //! No privilege needed: the XDP part is not involved.
-use std::sync::Arc;
-
 use aiguard_daemon::usage::Today;
 use aiguard_tests::{
-    gateway::{Answer, TestGateway, chat_request, client, send},
+    gateway::{
+        Answer, HELLO_PROMPT, TestGateway, burst, chat, chat_request, client, config, count, hello,
+        send,
+    },
     upstream::{Upstream, UpstreamOptions, headers as up},
 };
 use bytes::Bytes;
@@ -19,57 +20,12 @@ const DAY_MS: u64 = 86_400_000;
 /// How long a test's bursts may take at most; every refusal's wait is checked against it.
 const ELAPSED_SLACK_MS: u64 = 30_000;
 
-fn config(upstream: &Upstream, tiers: &str) -> String {
-    format!(
-        "[gateway]\nlisten = [\"127.0.0.1:0\"]\nupstreams = [\"{}\"]\ndefault_tier = \"free\"\n{tiers}",
-        upstream.url()
-    )
-}
-
-fn chat(model: &str, max_tokens: u64) -> serde_json::Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})
-}
-
-fn hello(max_tokens: u64) -> serde_json::Value {
-    chat("gpt-test", max_tokens)
-}
-
-/// Prompt tokens the gateway estimates for [`chat`]: 3 per message + "user" + "hi" + 3.
-const HELLO_PROMPT: u64 = 8;
-
 /// Headers that make the fake upstream report exactly `prompt` + `completion` tokens used.
 fn uses(prompt: &'static str, completion: &'static str) -> [(&'static str, &'static str); 2] {
     [
         (up::PROMPT_TOKENS, prompt),
         (up::COMPLETION_WORDS, completion),
     ]
-}
-
-/// Fires `n` requests at once, each from its own task, and returns the answers.
-async fn burst(
-    n: usize,
-    make: impl Fn(usize) -> Request<Full<Bytes>> + Send + Sync + 'static,
-) -> Vec<Answer> {
-    let make = Arc::new(make);
-    let client = client();
-    let barrier = Arc::new(tokio::sync::Barrier::new(n));
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (client, make, barrier) = (client.clone(), make.clone(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            send(&client, make(i)).await
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.expect("client task"));
-    }
-    out
-}
-
-fn count(answers: &[Answer], status: u16) -> usize {
-    answers.iter().filter(|a| a.status == status).count()
 }
 
 /// Sends `n` requests one after the other and returns their statuses.
