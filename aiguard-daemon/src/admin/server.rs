@@ -238,13 +238,13 @@ fn ban_error(e: BanError) -> Reply {
 
 /// Applies one request. Runs on a blocking thread: map updates for a large batch take seconds.
 pub fn handle(node: &Mutex<Node>, request: Request) -> Reply {
+    if request == Request::Top {
+        return super::snapshot::top(node);
+    }
     // std Mutex: held only for synchronous map and store work, never across an await.
     let mut guard = node.lock().unwrap_or_else(|p| p.into_inner());
     if super::gateway_ops::is_gateway_request(&request) {
         return super::gateway_ops::handle(&mut guard, request);
-    }
-    if request == Request::Top {
-        return super::snapshot::top(&guard);
     }
     let gateway = super::gateway_ops::status(&guard);
     let Node {
