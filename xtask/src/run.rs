@@ -41,15 +41,25 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// `CARGO_TARGET_DIR` in the environment is honoured instead of running a stale binary.
 pub(crate) fn build_daemon() -> Result<PathBuf> {
     let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "aiguard-daemon",
+        "--bin",
+        "aiguard",
+    ]);
+    built_artifact(build, "aiguard", daemon_executable)
+}
+
+/// Runs a cargo build (`build`, without `--message-format`) and returns the path of the
+/// artifact `pick` finds in its JSON messages; `what` names it in errors.
+pub(crate) fn built_artifact(
+    mut build: Command,
+    what: &str,
+    pick: impl Fn(&str) -> Option<PathBuf>,
+) -> Result<PathBuf> {
     build
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "aiguard-daemon",
-            "--bin",
-            "aiguard",
-        ])
         // Diagnostics and progress still go to stderr, rendered; only the JSON is captured.
         .arg("--message-format=json-render-diagnostics")
         .stdout(Stdio::piped());
@@ -65,7 +75,7 @@ pub(crate) fn build_daemon() -> Result<PathBuf> {
     let mut executable = None;
     for message in BufReader::new(stdout).lines() {
         let message = message.context("reading cargo's build messages")?;
-        if let Some(path) = daemon_executable(&message) {
+        if let Some(path) = pick(&message) {
             executable = Some(path);
         }
     }
@@ -75,7 +85,7 @@ pub(crate) fn build_daemon() -> Result<PathBuf> {
     if !status.success() {
         bail!("`{line}` failed ({status})");
     }
-    executable.with_context(|| format!("`{line}` reported no `aiguard` executable"))
+    executable.with_context(|| format!("`{line}` reported no `{what}` executable"))
 }
 
 /// The executable path when `message` is cargo's artifact message for the `aiguard` binary.

@@ -11,12 +11,11 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use serde::{Deserialize, Serialize};
 
 use super::super::cpu::CpuTimes;
@@ -202,41 +201,15 @@ pub fn run(plan: &Plan) -> Result<LimiterRun> {
 /// Builds the bench (`cargo bench --no-run`): its executable.
 fn build() -> Result<PathBuf> {
     let mut build = crate::cargo();
-    build
-        .args([
-            "bench",
-            "-p",
-            "aiguard-daemon",
-            "--bench",
-            GROUP,
-            "--no-run",
-        ])
-        // Diagnostics and progress still go to stderr, rendered; only the JSON is captured.
-        .arg("--message-format=json-render-diagnostics")
-        .stdout(Stdio::piped());
-    let line = shown(&build);
-    eprintln!("+ {line}");
-    let mut child = build
-        .spawn()
-        .with_context(|| format!("could not start `{line}`"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .context("cargo's stdout was not captured")?;
-    let mut executable = None;
-    for message in BufReader::new(stdout).lines() {
-        let message = message.context("reading cargo's build messages")?;
-        if let Some(path) = bench_executable(&message) {
-            executable = Some(path);
-        }
-    }
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for `{line}`"))?;
-    if !status.success() {
-        bail!("`{line}` failed ({status})");
-    }
-    executable.with_context(|| format!("`{line}` reported no `{GROUP}` bench executable"))
+    build.args([
+        "bench",
+        "-p",
+        "aiguard-daemon",
+        "--bench",
+        GROUP,
+        "--no-run",
+    ]);
+    crate::run::built_artifact(build, &format!("{GROUP} bench"), bench_executable)
 }
 
 /// The executable path when `message` is cargo's artifact message for the limiter bench.
