@@ -52,6 +52,20 @@ pub(crate) fn build_daemon() -> Result<PathBuf> {
     built_artifact(build, "aiguard", daemon_executable)
 }
 
+/// Builds one of aiguard-daemon's examples, release, and returns its executable's path.
+pub(crate) fn build_example(name: &str) -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "aiguard-daemon",
+        "--example",
+        name,
+    ]);
+    built_artifact(build, name, |message| example_executable(message, name))
+}
+
 /// Runs a cargo build (`build`, without `--message-format`) and returns the path of the
 /// artifact `pick` finds in its JSON messages; `what` names it in errors.
 pub(crate) fn built_artifact(
@@ -97,6 +111,19 @@ fn daemon_executable(message: &str) -> Option<PathBuf> {
     message["executable"].as_str().map(PathBuf::from)
 }
 
+/// The executable path when `message` is cargo's artifact message for the example `name`.
+fn example_executable(message: &str, name: &str) -> Option<PathBuf> {
+    let message: serde_json::Value = serde_json::from_str(message).ok()?;
+    let target = &message["target"];
+    let is_example = target["kind"]
+        .as_array()
+        .is_some_and(|kinds| kinds.iter().any(|kind| kind == "example"));
+    if message["reason"] != "compiler-artifact" || target["name"] != name || !is_example {
+        return None;
+    }
+    message["executable"].as_str().map(PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +141,17 @@ mod tests {
             daemon_executable(r#"{"reason":"build-finished","success":true}"#),
             None
         );
+    }
+
+    #[test]
+    fn finds_an_example_in_cargo_messages() {
+        let example = r#"{"reason":"compiler-artifact","target":{"name":"passthrough","kind":["example"]},"executable":"/t/release/examples/passthrough"}"#;
+        assert_eq!(
+            example_executable(example, "passthrough"),
+            Some(PathBuf::from("/t/release/examples/passthrough"))
+        );
+        assert_eq!(example_executable(example, "other"), None);
+        let bin = r#"{"reason":"compiler-artifact","target":{"name":"passthrough","kind":["bin"]},"executable":"/t/release/passthrough"}"#;
+        assert_eq!(example_executable(bin, "passthrough"), None);
     }
 }

@@ -62,6 +62,8 @@ use crate::{setup, workspace_root};
 const PER_MINUTE: u64 = 600_000;
 /// nginx's `burst`, so that two requests of one key in the same millisecond are never refused.
 const NGINX_BURST: u64 = 1_000;
+/// How long the pass-through proxy may take to answer after it starts.
+const PASSTHROUGH_READY: Duration = Duration::from_secs(10);
 /// wrk's warm-up before each measured run, in seconds.
 const WRK_WARMUP_SECS: u64 = 1;
 /// The fixed-rate load's warm-up, sent at the rate and not counted.
@@ -144,16 +146,19 @@ pub enum Leg {
     Nginx,
     /// aiguard's gateway.
     Aiguard,
+    /// aiguard's HTTP stack alone (the `passthrough` example): no checks, no accounting.
+    Passthrough,
 }
 
 impl Leg {
-    const ALL: [Self; 3] = [Self::Direct, Self::Nginx, Self::Aiguard];
+    const ALL: [Self; 4] = [Self::Direct, Self::Nginx, Self::Aiguard, Self::Passthrough];
 
     pub fn label(self) -> &'static str {
         match self {
             Self::Direct => "upstream directly",
             Self::Nginx => "nginx limit_req",
             Self::Aiguard => "aiguard gateway",
+            Self::Passthrough => "hyper pass-through (no checks)",
         }
     }
 }
@@ -288,6 +293,11 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
     } else {
         None
     };
+    let passthrough = if http && legs.contains(&Leg::Passthrough) {
+        Some(crate::run::build_example("passthrough").context("building the pass-through proxy")?)
+    } else {
+        None
+    };
     let command = super::command_line();
 
     // First, while nothing else runs: the decision's cost is nanoseconds, and any server on the
@@ -303,7 +313,11 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
         None
     };
     let (samples, notes) = if http {
-        http_parts(&args, &legs, layout, daemon.as_deref())?
+        let binaries = Binaries {
+            daemon: daemon.as_deref(),
+            passthrough: passthrough.as_deref(),
+        };
+        http_parts(&args, &legs, layout, binaries)?
     } else {
         (Samples::default(), Vec::new())
     };
@@ -316,12 +330,19 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The proxies built for the run (none when their leg does not run).
+#[derive(Clone, Copy)]
+struct Binaries<'a> {
+    daemon: Option<&'a Path>,
+    passthrough: Option<&'a Path>,
+}
+
 /// The throughput and latency parts: the servers started, the rounds run, the servers stopped.
 fn http_parts(
     args: &GatewayBenchArgs,
     legs: &[Leg],
     layout: Layout,
-    daemon: Option<&Path>,
+    binaries: Binaries<'_>,
 ) -> Result<(Samples, Vec<String>)> {
     let runs_dir = workspace_root().join("target/bench/gateway");
     for dir in super::leftovers(&runs_dir)? {
@@ -331,12 +352,12 @@ fn http_parts(
         );
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    if daemon.is_some() {
+    if binaries.daemon.is_some() {
         super::object::remove_stale_pin_dirs()?;
     }
     let work = WorkDir::create(&runs_dir.join(super::unique_name()))?;
 
-    let servers = Servers::start(args, legs, layout, daemon, work)?;
+    let servers = Servers::start(args, legs, layout, binaries, work)?;
     let script = servers.work.path().join("keys.lua");
     fs::write(&script, wrk::script(&servers.keys)?)
         .with_context(|| format!("writing {}", script.display()))?;
@@ -437,6 +458,7 @@ impl Drop for WorkDir {
 /// Every server of the run. Fields drop in order: the servers stop before their directory goes.
 struct Servers {
     gateway: Option<aiguard::Gateway>,
+    passthrough: Option<(process::Pinned, SocketAddr)>,
     proxy: Option<nginx::Nginx>,
     upstream: nginx::Nginx,
     keys: Arc<[String]>,
@@ -448,7 +470,7 @@ impl Servers {
         args: &GatewayBenchArgs,
         legs: &[Leg],
         layout: Layout,
-        daemon: Option<&Path>,
+        binaries: Binaries<'_>,
         work: WorkDir,
     ) -> Result<Self> {
         let dir = work.path().to_owned();
@@ -464,12 +486,32 @@ impl Servers {
         )?;
         let mut servers = Self {
             gateway: None,
+            passthrough: None,
             proxy: None,
             upstream,
             keys: made_up.into(),
             work,
         };
-        if let Some(binary) = daemon {
+        if let Some(binary) = binaries.passthrough {
+            let addr = free_port()?;
+            let (listen, upstream) = (addr.to_string(), upstream_addr.to_string());
+            let args: [&std::ffi::OsStr; 4] = [
+                "--listen".as_ref(),
+                listen.as_ref(),
+                "--upstream".as_ref(),
+                upstream.as_ref(),
+            ];
+            let process = process::Pinned::spawn(
+                "passthrough",
+                layout.proxy_cpu,
+                binary,
+                &args,
+                &dir.join("passthrough.log"),
+            )?;
+            chat::wait_until_serving(addr, &servers.keys[0], PASSTHROUGH_READY)?;
+            servers.passthrough = Some((process, addr));
+        }
+        if let Some(binary) = binaries.daemon {
             let addr = free_port()?;
             let mut gateway = aiguard::Gateway::start(
                 binary,
@@ -516,6 +558,10 @@ impl Servers {
                 let gateway = self.gateway.as_ref().context("no aiguard gateway")?;
                 (gateway.addr, Some(gateway.pid()))
             }
+            Leg::Passthrough => {
+                let (process, addr) = self.passthrough.as_ref().context("no pass-through proxy")?;
+                (*addr, Some(process.pid()))
+            }
         })
     }
 
@@ -528,6 +574,9 @@ impl Servers {
         if let Some(gateway) = &mut self.gateway {
             gateway.ensure_running()?;
         }
+        if let Some((process, _)) = &mut self.passthrough {
+            process.ensure_running()?;
+        }
         Ok(())
     }
 
@@ -535,6 +584,7 @@ impl Servers {
     fn stop(self) -> Result<()> {
         let Self {
             gateway,
+            passthrough,
             proxy,
             upstream,
             work,
@@ -543,6 +593,9 @@ impl Servers {
         let mut result = Ok(());
         if let Some(gateway) = gateway {
             result = result.and(gateway.stop());
+        }
+        if let Some((process, _)) = passthrough {
+            result = result.and(process.stop());
         }
         if let Some(proxy) = proxy {
             result = result.and(proxy.process.stop());

@@ -108,6 +108,9 @@ pub struct Ratios {
     pub cpu_per_request: Option<f64>,
     pub throughput: Option<f64>,
     pub cpu_per_request_at_fixed_rate: Option<f64>,
+    /// The HTTP stack alone (hyper pass-through) over nginx limit_req, CPU per request at
+    /// saturation: the floor under `cpu_per_request`.
+    pub passthrough_cpu_per_request: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -381,6 +384,13 @@ impl Report {
                     writeln!(out, "| {measure} | {ratio:.2}x |")?;
                 }
             }
+            if let Some(ratio) = self.ratios.passthrough_cpu_per_request {
+                writeln!(
+                    out,
+                    "| CPU per request at saturation of the HTTP stack alone (hyper \
+                     pass-through, no checks): the floor | {ratio:.2}x |"
+                )?;
+            }
             writeln!(out)?;
         }
         Ok(())
@@ -645,6 +655,14 @@ fn ratios(samples: &Samples) -> Ratios {
             |s| s.leg,
             |s| s.proxy_cpu_us_per_request,
             pair,
+            divide,
+        ),
+        passthrough_cpu_per_request: paired_median(
+            &samples.throughput,
+            |s| s.round,
+            |s| s.leg,
+            |s| s.proxy_cpu_us_per_request,
+            (Leg::Passthrough, Leg::Nginx),
             divide,
         ),
     }
