@@ -534,6 +534,50 @@ mod tests {
     }
 
     #[test]
+    fn priority_queueing_is_configured_and_bad_values_are_named() {
+        let c = parse(
+            "[gateway]\nupstream_slots = 8\n[tiers.paid]\nweight = 10\nmax_queue_wait = \"5s\"\n\
+             [tiers.free]\nmax_queued = 0\nmax_upstream_slots = 6\n",
+        )
+        .expect("valid");
+        assert_eq!(c.gateway.upstream_slots, Some(8));
+        let t = c.tier_table();
+        let paid = t.tier("paid").share();
+        assert_eq!(
+            (paid.weight, paid.max_queue_wait),
+            (10, Duration::from_secs(5))
+        );
+        let free = t.tier("free").share();
+        assert_eq!(
+            (free.weight, free.max_queued, free.max_slots),
+            (1, 0, Some(6))
+        );
+        for (bad, field) in [
+            ("[gateway]\nupstream_slots = 0\n", "gateway.upstream_slots"),
+            ("[tiers.paid]\nweight = 0\n", "tiers.paid.weight"),
+            (
+                "[tiers.paid]\nmax_queue_wait = \"0s\"\n",
+                "tiers.paid.max_queue_wait",
+            ),
+            (
+                "[tiers.paid]\nmax_queue_wait = \"2h\"\n",
+                "tiers.paid.max_queue_wait",
+            ),
+            (
+                "[tiers.paid]\nmax_upstream_slots = 0\n",
+                "tiers.paid.max_upstream_slots",
+            ),
+            (
+                "[tiers.paid]\nmax_queued = 2000000\n",
+                "tiers.paid.max_queued",
+            ),
+        ] {
+            let err = parse(bad).expect_err(bad).to_string();
+            assert!(err.contains(&format!("`{field}`")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let err = parse("[xdp]\ninterfacez = [\"eth0\"]\n")
             .unwrap_err()

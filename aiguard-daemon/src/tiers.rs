@@ -82,6 +82,9 @@ pub struct GatewaySettings {
     /// How often settled usage moves from the journal into the store.
     #[serde(with = "humantime_serde")]
     pub usage_flush_interval: Duration,
+    /// Requests the upstreams serve at once; above it requests queue per tier and are served
+    /// by weight (see `gateway::priority`). None: no queueing.
+    pub upstream_slots: Option<u32>,
 }
 
 impl Default for GatewaySettings {
@@ -101,6 +104,7 @@ impl Default for GatewaySettings {
             tokenizer: TokenizerName::O200kBase,
             upstream_authorization: None,
             usage_flush_interval: Duration::from_secs(1),
+            upstream_slots: None,
         }
     }
 }
@@ -213,9 +217,34 @@ pub struct TierSettings {
     pub prices: Option<Price>,
     /// What requests get while the shared store cannot decide in time.
     pub on_store_failure: FailureMode,
+    /// Share of the upstream's slots (`gateway.upstream_slots`) while tiers compete: backlogged
+    /// tiers get slots in proportion to their weights (default 1).
+    pub weight: Option<u32>,
+    /// Requests of the tier that may wait for a slot at once (default 256); more are shed.
+    pub max_queued: Option<u32>,
+    /// Longest a request waits for a slot (default 2 s) before it is shed.
+    #[serde(default, with = "humantime_serde")]
+    pub max_queue_wait: Option<Duration>,
+    /// At most this many slots at once for the tier, however idle the others (none: all).
+    pub max_upstream_slots: Option<u32>,
 }
 
+/// A tier's queueing when nothing configures it.
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const DEFAULT_MAX_QUEUED: u32 = 256;
+pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(2);
+
 impl TierSettings {
+    /// The tier's share of the upstream's slots.
+    pub fn share(&self) -> crate::gateway::priority::TierShare {
+        crate::gateway::priority::TierShare {
+            weight: self.weight.unwrap_or(DEFAULT_WEIGHT),
+            max_queued: self.max_queued.unwrap_or(DEFAULT_MAX_QUEUED),
+            max_queue_wait: self.max_queue_wait.unwrap_or(DEFAULT_MAX_QUEUE_WAIT),
+            max_slots: self.max_upstream_slots,
+        }
+    }
+
     /// The tenant-level limits (without the monthly quota).
     pub fn tenant_limits(&self) -> Limits {
         Limits {
@@ -327,6 +356,7 @@ impl TierTable {
             if let Some(p) = &tier.prices {
                 check_price(&format!("{at}.prices"), p)?;
             }
+            check_share(&at, tier)?;
         }
         if !self.tiers.contains_key(&self.default_tier) {
             return Err(invalid(
@@ -386,6 +416,44 @@ fn check_quota(at: &str, quota: Option<u64>) -> Result<(), ConfigError> {
         )),
         _ => Ok(()),
     }
+}
+
+fn check_share(at: &str, tier: &TierSettings) -> Result<(), ConfigError> {
+    if let Some(w) = tier.weight
+        && !(1..=1_000_000).contains(&w)
+    {
+        return Err(invalid(
+            format!("{at}.weight"),
+            w,
+            "a weight from 1 to 1000000",
+        ));
+    }
+    if let Some(n) = tier.max_queued
+        && n > 1_000_000
+    {
+        return Err(invalid(
+            format!("{at}.max_queued"),
+            n,
+            "at most 1000000 waiting requests (0: shed whenever no slot is free)",
+        ));
+    }
+    if let Some(d) = tier.max_queue_wait
+        && (d.is_zero() || d > Duration::from_secs(3600))
+    {
+        return Err(invalid(
+            format!("{at}.max_queue_wait"),
+            humantime::format_duration(d),
+            "a wait above zero and at most 1h, like \"2s\"",
+        ));
+    }
+    if tier.max_upstream_slots == Some(0) {
+        return Err(invalid(
+            format!("{at}.max_upstream_slots"),
+            0,
+            "at least 1 slot (leave it out for no cap)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_price(at: &str, p: &Price) -> Result<(), ConfigError> {
@@ -486,6 +554,15 @@ impl GatewaySettings {
                     ),
                 ));
             }
+        }
+        if let Some(n) = self.upstream_slots
+            && !(1..=1_000_000).contains(&n)
+        {
+            return Err(invalid(
+                "gateway.upstream_slots",
+                n,
+                "from 1 to 1000000 concurrent upstream requests (leave it out for no queueing)",
+            ));
         }
         if !(1..=10_000_000).contains(&self.default_max_tokens) {
             return Err(invalid(

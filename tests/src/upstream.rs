@@ -74,6 +74,9 @@ pub struct UpstreamOptions {
     /// Keep every request for [`Upstream::requests`]. Default on; a benchmark turns it off, or
     /// memory grows with every request.
     pub record_requests: bool,
+    /// Requests worked on at once, like an inference server's batch size: more wait their
+    /// turn, first come first served. Default: no limit.
+    pub capacity: Option<usize>,
 }
 
 impl Default for UpstreamOptions {
@@ -83,6 +86,7 @@ impl Default for UpstreamOptions {
             chunk_delay: Duration::ZERO,
             model: "gpt-test".to_owned(),
             record_requests: true,
+            capacity: None,
         }
     }
 }
@@ -119,11 +123,14 @@ struct Shared {
     /// TCP connections accepted, for tests of the gateway's connection pool.
     connections: AtomicUsize,
     next_id: AtomicU64,
+    /// [`UpstreamOptions::capacity`]'s permits (tokio's semaphore is fair: FIFO).
+    capacity: Option<tokio::sync::Semaphore>,
 }
 
 impl Shared {
     fn new(options: UpstreamOptions) -> Arc<Self> {
         Arc::new(Self {
+            capacity: options.capacity.map(tokio::sync::Semaphore::new),
             options,
             requests: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
@@ -490,6 +497,16 @@ async fn handle(
                 None,
             ));
         }
+    };
+    // The work (the delay) is done by at most `capacity` requests at once.
+    let _working = match &shared.capacity {
+        Some(permits) => Some(
+            permits
+                .acquire()
+                .await
+                .expect("the semaphore is never closed"),
+        ),
+        None => None,
     };
     if !directives.delay.is_zero() {
         tokio::time::sleep(directives.delay).await;

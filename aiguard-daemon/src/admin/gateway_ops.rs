@@ -41,6 +41,7 @@ pub fn status(node: &Node) -> Option<GatewayStatus> {
         bad_requests: get(&c.bad_requests),
         upstream_errors: get(&c.upstream_errors),
         store_unavailable: get(&c.store_unavailable),
+        shed: get(&c.shed),
     })
 }
 

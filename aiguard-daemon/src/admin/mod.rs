@@ -198,6 +198,10 @@ pub struct GatewayStatus {
     /// Refused with 503: the shared store could not decide and the tier fails closed.
     #[serde(default)]
     pub store_unavailable: u64,
+    /// Shed (429/503) while waiting for an upstream slot: the tier's queue was full or its
+    /// wait ran out.
+    #[serde(default)]
+    pub shed: u64,
 }
 
 /// How many bans a `Top` reply names (the most hit).

@@ -133,6 +133,31 @@ pub fn store_unavailable(retry: Duration) -> Response<Body> {
     r
 }
 
+/// A request shed while it waited for an upstream slot (see [`super::priority`]).
+pub fn shed(shed: super::priority::Shed, tier: &str) -> Response<Body> {
+    let mut r = if shed.upstream_saturated() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The inference server is at capacity. Please retry shortly.",
+            "server_error",
+            Some("upstream_saturated"),
+        )
+    } else {
+        error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "The inference server is busy serving higher-priority traffic and the {tier} \
+                 tier's queue is full. Please try again in {}.",
+                openai_duration(shed.retry_after())
+            ),
+            "requests",
+            Some("queue_full"),
+        )
+    };
+    retry_after(r.headers_mut(), shed.retry_after());
+    r
+}
+
 pub fn denied(d: &Denial, rate: &RateHeaders) -> Response<Body> {
     let mut r = match d {
         Denial::Requests {

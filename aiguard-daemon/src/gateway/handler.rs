@@ -483,6 +483,35 @@ async fn proxy(
             return Err(answers::store_unavailable(retry_after));
         }
     };
+    // Paid traffic first: wait for an upstream slot in the tier's queue (limits first, so that
+    // a request over its limits is refused at once rather than after queueing).
+    let slot = if s.upstream_slots.is_some() {
+        let since = std::time::Instant::now();
+        match gw.scheduler.acquire(tier_label).await {
+            Ok(slot) => {
+                gw.metrics.observe_queue_wait(tier_label, since, true);
+                Some(slot)
+            }
+            Err(shed) => {
+                gw.metrics.observe_queue_wait(tier_label, since, false);
+                gw.counters.shed.fetch_add(1, Ordering::Relaxed);
+                gw.metrics.count(tier_label, Outcome::QueueFull);
+                debug!(
+                    tier = tier_label,
+                    ?shed,
+                    "shed while waiting for an upstream slot"
+                );
+                let rate = admission.headers();
+                // Never sent: nothing used, nothing recorded.
+                admission.settle(0);
+                let mut r = answers::shed(shed, tier_label);
+                answers::rate_headers(r.headers_mut(), &rate);
+                return Err(r);
+            }
+        }
+    } else {
+        None
+    };
     gw.counters.allowed.fetch_add(1, Ordering::Relaxed);
     let in_flight = gw.metrics.in_flight();
 
@@ -553,6 +582,7 @@ async fn proxy(
         prompt_estimate: inspected.prompt_tokens,
         tokens: gw.metrics.tier_tokens(tier_label),
         _in_flight: in_flight,
+        _slot: slot,
     };
 
     let sent_at = std::time::Instant::now();

@@ -59,6 +59,9 @@ pub struct Settlement {
     pub tokens: crate::metrics::gateway::TierTokens,
     /// Counts the request as in flight until it is settled and its body dropped.
     pub _in_flight: crate::metrics::gateway::InFlight,
+    /// The upstream slot the request holds (with `gateway.upstream_slots`), until its response
+    /// body ends.
+    pub _slot: Option<super::priority::Slot>,
 }
 
 impl Settlement {

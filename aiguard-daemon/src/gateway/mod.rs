@@ -9,13 +9,15 @@
 //! - [`decide`]: where limits are decided (memory, or the shared store and its fallback);
 //! - [`answers`]: OpenAI-style errors and rate-limit headers;
 //! - [`client_addr`]: the client's address behind trusted proxies (X-Forwarded-For, PROXY);
-//! - [`idle`]: the client connection's idle timeout.
+//! - [`idle`]: the client connection's idle timeout;
+//! - [`priority`]: the upstream's slots shared across tiers by weight when it is saturated.
 pub mod answers;
 pub mod client_addr;
 pub mod decide;
 mod handler;
 pub mod idle;
 mod metered;
+pub mod priority;
 
 use std::{
     convert::Infallible,
@@ -86,6 +88,8 @@ pub struct Counters {
     pub upstream_errors: AtomicU64,
     /// Refused because the shared store could not decide and the tier fails closed.
     pub store_unavailable: AtomicU64,
+    /// Shed because the tier's queue for an upstream slot was full or its wait ran out.
+    pub shed: AtomicU64,
     pub in_flight: AtomicU64,
 }
 
@@ -101,6 +105,8 @@ pub struct Gateway {
     client: Client<HttpConnector, Full<Bytes>>,
     next_upstream: AtomicUsize,
     pub counters: Counters,
+    /// The upstream's slots, when `gateway.upstream_slots` is set.
+    pub scheduler: priority::Scheduler,
     /// Requests and tokens by tier, in-flight requests, upstream latency (`/metrics`).
     pub metrics: crate::metrics::GatewayMetrics,
 }
@@ -136,6 +142,8 @@ impl Gateway {
         }
         let metrics =
             crate::metrics::GatewayMetrics::new(policy.tiers.tiers.keys().map(String::as_str));
+        let scheduler =
+            priority::Scheduler::new(policy.settings.upstream_slots.unwrap_or(0), &policy.tiers);
         Ok(Self {
             metrics,
             policy: RwLock::new(Arc::new(policy)),
@@ -147,6 +155,7 @@ impl Gateway {
             client,
             next_upstream: AtomicUsize::new(0),
             counters: Counters::default(),
+            scheduler,
         })
     }
 
@@ -176,6 +185,8 @@ impl Gateway {
         if old.upstream_connect_timeout != new.settings.upstream_connect_timeout {
             needs_restart.push("gateway.upstream_connect_timeout".to_owned());
         }
+        self.scheduler
+            .configure(new.settings.upstream_slots.unwrap_or(0), &new.tiers);
         *slot = Arc::new(new);
         needs_restart
     }

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -32,10 +32,13 @@ pub enum Outcome {
     UpstreamError,
     /// The shared store could not decide and the tier fails closed (503).
     StoreUnavailable,
+    /// Admitted by its limits, but shed while waiting for an upstream slot: the tier's queue
+    /// was full or its wait ran out (429, or 503 when the upstream itself is saturated).
+    QueueFull,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Allowed,
         Outcome::RateLimited,
         Outcome::QuotaExceeded,
@@ -43,6 +46,7 @@ impl Outcome {
         Outcome::BadRequest,
         Outcome::UpstreamError,
         Outcome::StoreUnavailable,
+        Outcome::QueueFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +58,7 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::UpstreamError => "upstream_error",
             Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::QueueFull => "queue_full",
         }
     }
 }
@@ -71,7 +76,14 @@ pub struct GatewayMetrics {
     tokens: IntCounterVec,
     in_flight: IntGauge,
     upstream_seconds: Histogram,
+    queue_wait: HistogramVec,
 }
+
+/// Queue-wait buckets, seconds: 1 ms to 1 min (the longest `max_queue_wait` is an hour, but
+/// waits of more than a minute are rare and alike).
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// Token counters of one tier, resolved once per request.
 #[derive(Debug, Clone)]
@@ -124,11 +136,21 @@ impl GatewayMetrics {
             .buckets(UPSTREAM_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "aiguard_gateway_queue_wait_seconds",
+                "Time admitted requests waited for an upstream slot (gateway.upstream_slots), by tier and how the wait ended (slot, shed); requests that found a free slot count with 0.",
+            )
+            .buckets(QUEUE_WAIT_BUCKETS.to_vec()),
+            &["tier", "result"],
+        )
+        .expect("valid metric");
         let m = Self {
             requests,
             tokens,
             in_flight,
             upstream_seconds,
+            queue_wait,
         };
         m.add_tiers(tiers);
         m
@@ -146,7 +168,18 @@ impl GatewayMetrics {
                 }
             }
             self.tier_tokens(tier);
+            for result in ["slot", "shed"] {
+                self.queue_wait.with_label_values(&[tier, result]);
+            }
         }
+    }
+
+    /// How long a request waited for an upstream slot, and whether it got one.
+    pub fn observe_queue_wait(&self, tier: &str, since: Instant, got_slot: bool) {
+        let result = if got_slot { "slot" } else { "shed" };
+        self.queue_wait
+            .with_label_values(&[tier, result])
+            .observe(since.elapsed().as_secs_f64());
     }
 
     /// Counts how a request ended.
@@ -179,6 +212,7 @@ impl GatewayMetrics {
             Box::new(self.tokens.clone()),
             Box::new(self.in_flight.clone()),
             Box::new(self.upstream_seconds.clone()),
+            Box::new(self.queue_wait.clone()),
         ]
     }
 }
@@ -265,6 +299,62 @@ impl Collector for QuotaCollector {
             })
             .collect();
         quota_families(&rows)
+    }
+}
+
+const QUEUED: Spec = Spec::new(
+    "aiguard_gateway_queued_requests",
+    "Admitted requests waiting for an upstream slot now, by tier.",
+    &["tier"],
+);
+const SLOTS_HELD: Spec = Spec::new(
+    "aiguard_gateway_upstream_slots_held",
+    "Upstream slots held now, by tier.",
+    &["tier"],
+);
+const SLOTS: Spec = Spec::new(
+    "aiguard_gateway_upstream_slots",
+    "Requests the upstreams serve at once (gateway.upstream_slots); absent without queueing.",
+    &[],
+);
+
+/// The upstream slots' queues, read at scrape time; nothing without `gateway.upstream_slots`.
+pub struct QueueCollector {
+    gw: Arc<Gateway>,
+    descs: Vec<Desc>,
+}
+
+impl QueueCollector {
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        Self {
+            gw,
+            descs: [QUEUED, SLOTS_HELD, SLOTS].iter().map(Spec::desc).collect(),
+        }
+    }
+}
+
+impl Collector for QueueCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if self.gw.policy().settings.upstream_slots.is_none() {
+            return Vec::new();
+        }
+        let (slots, tiers) = self.gw.scheduler.load();
+        let queued = QUEUED.gauges();
+        let held = SLOTS_HELD.gauges();
+        for t in &tiers {
+            queued.with_label_values(&[&t.tier]).set(t.queued as f64);
+            held.with_label_values(&[&t.tier]).set(f64::from(t.held));
+        }
+        let total = SLOTS.gauges();
+        total.with_label_values::<&str>(&[]).set(f64::from(slots));
+        let mut out = families::collect(&queued);
+        out.extend(families::collect(&held));
+        out.extend(families::collect(&total));
+        out
     }
 }
 

@@ -94,7 +94,10 @@ impl Exporter {
             self.registry.register(c).map_err(MetricsError::Register)?;
         }
         self.registry
-            .register(Box::new(gateway::QuotaCollector::new(gw)))
+            .register(Box::new(gateway::QuotaCollector::new(gw.clone())))
+            .map_err(MetricsError::Register)?;
+        self.registry
+            .register(Box::new(gateway::QueueCollector::new(gw)))
             .map_err(MetricsError::Register)?;
         Ok(self)
     }

@@ -48,6 +48,7 @@ async fn main() -> Result<()> {
         model: args.model,
         // Nobody reads the log of a separate process, and under load it would only grow.
         record_requests: false,
+        capacity: None,
     };
     serve(listener, options, async {
         tokio::select! {
