@@ -77,6 +77,7 @@ pub struct Config {
     pub prices: BTreeMap<String, Price>,
     pub store: StoreSettings,
     pub metrics: MetricsSettings,
+    pub detect: crate::detect::settings::DetectSettings,
 }
 
 /// Where the daemon keeps its socket, state and pins.
@@ -386,6 +387,7 @@ impl Config {
         self.gateway.validate()?;
         self.store.validate()?;
         self.metrics.validate()?;
+        self.detect.validate()?;
         self.tier_table().validate()?;
         Ok(())
     }

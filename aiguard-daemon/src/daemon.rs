@@ -49,6 +49,54 @@ pub struct Node {
     pub shared: Option<Arc<Shared>>,
 }
 
+/// Detection's bans go where the CLI's go: the ban list, the XDP maps and (with a shared
+/// store) every other node. Weak: the node owns the gateway that owns this.
+struct NodeEnforcer(std::sync::Weak<Mutex<Node>>);
+
+impl crate::detect::respond::Enforcer for NodeEnforcer {
+    fn ban(
+        &self,
+        range: ipnetwork::IpNetwork,
+        ttl: std::time::Duration,
+        reason: &str,
+    ) -> Result<(), String> {
+        let node = self.0.upgrade().ok_or("the daemon is stopping")?;
+        let mut guard = node.lock().unwrap_or_else(|p| p.into_inner());
+        let Node {
+            dataplane,
+            bans,
+            shared,
+            ..
+        } = &mut *guard;
+        let spec = crate::bans::BanSpec {
+            ttl: Some(ttl),
+            reason: Some(reason.to_owned()),
+            shadow: false,
+            force: false,
+            origin: crate::bans::Origin::Detector,
+            node: shared.as_ref().map(|s| s.node().clone()),
+        };
+        let made = bans
+            .ban(dataplane, &[range.to_string()], &spec)
+            .map_err(|e| e.to_string())?;
+        if let Some(s) = shared {
+            crate::shared::bans::announce_bans(s, &made);
+        }
+        Ok(())
+    }
+
+    fn allowlisted(&self, range: ipnetwork::IpNetwork) -> bool {
+        self.0.upgrade().is_some_and(|node| {
+            node.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .bans
+                .allowlist()
+                .iter()
+                .any(|a| crate::range::overlaps(&a.range, &range))
+        })
+    }
+}
+
 /// Re-reads the configuration and applies what can change while running: tiers, tenants,
 /// prices and the gateway's settings. In-flight requests finish under the limits they were
 /// admitted with. An invalid configuration changes nothing. Returns the changed settings that
@@ -175,6 +223,7 @@ async fn serve(
             ledger.clone(),
             tokenizer,
             shared.clone(),
+            store.clone(),
         )?;
         let listeners = Listeners::bind(&config.gateway.listen)
             .await
@@ -240,6 +289,16 @@ async fn serve(
         reload: reload_source,
         shared: shared.clone(),
     }));
+    if let Some(gw) = node
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .gateway
+        .as_ref()
+    {
+        gw.detection
+            .responder
+            .set_enforcer(Arc::new(NodeEnforcer(Arc::downgrade(&node))));
+    }
     let metrics_task = match metrics_listener {
         Some(listener) => {
             let mut exporter = crate::metrics::Exporter::new()?;

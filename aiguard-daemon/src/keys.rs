@@ -32,6 +32,12 @@ pub struct KeyRecord {
     pub hint: String,
     pub created_ms: u64,
     pub revoked_ms: Option<u64>,
+    /// Refused (403) until then: suspended by abuse detection or an operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_until_ms: Option<u64>,
+    /// Why it was suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_reason: Option<String>,
     /// SHA-256 of the secret, hex (left out of what the admin API lists).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
@@ -44,6 +50,8 @@ pub enum KeyError {
     NotFound(String),
     #[error("key {0} is already revoked")]
     AlreadyRevoked(String),
+    #[error("key {0} is not suspended")]
+    NotSuspended(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -70,6 +78,15 @@ pub struct LiveKey {
     pub id: Arc<str>,
     pub tenant: Arc<str>,
     pub tier: Arc<str>,
+    /// Refused until then (unix ms).
+    pub suspended_until_ms: Option<u64>,
+}
+
+impl LiveKey {
+    /// Whether the key is suspended at `now_ms`.
+    pub fn suspended_at(&self, now_ms: u64) -> bool {
+        self.suspended_until_ms.is_some_and(|until| until > now_ms)
+    }
 }
 
 fn hash(secret: &str) -> [u8; 32] {
@@ -136,6 +153,7 @@ impl KeyRing {
                 id: r.id.as_str().into(),
                 tenant: r.tenant.as_str().into(),
                 tier: r.tier.as_str().into(),
+                suspended_until_ms: r.suspended_until_ms,
             });
         }
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Ring { records, live };
@@ -175,6 +193,8 @@ impl KeyRing {
             hint: secret[..KEY_PREFIX.len() + 4].to_owned(),
             created_ms: now_ms,
             revoked_ms: None,
+            suspended_until_ms: None,
+            suspended_reason: None,
             sha256: hex(&hash(&secret)),
         };
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,6 +221,51 @@ impl KeyRing {
         self.put(&revoked)?;
         self.rebuild(records);
         Ok(revoked)
+    }
+
+    /// Suspends a key until `until_ms`: it gets 403 until then (or until resumed). A longer
+    /// suspension already in force is kept.
+    pub fn suspend(&self, id: &str, until_ms: u64, reason: &str) -> Result<KeyRecord, KeyError> {
+        self.change(id, |r| {
+            if r.revoked_ms.is_some() {
+                return Err(KeyError::AlreadyRevoked(r.id.clone()));
+            }
+            if r.suspended_until_ms.is_none_or(|u| u < until_ms) {
+                r.suspended_until_ms = Some(until_ms);
+                r.suspended_reason = Some(reason.to_owned());
+            }
+            Ok(())
+        })
+    }
+
+    /// Lifts a key's suspension.
+    pub fn resume(&self, id: &str, now_ms: u64) -> Result<KeyRecord, KeyError> {
+        self.change(id, |r| {
+            if r.suspended_until_ms.is_none_or(|u| u <= now_ms) {
+                return Err(KeyError::NotSuspended(r.id.clone()));
+            }
+            r.suspended_until_ms = None;
+            r.suspended_reason = None;
+            Ok(())
+        })
+    }
+
+    fn change(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut KeyRecord) -> Result<(), KeyError>,
+    ) -> Result<KeyRecord, KeyError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = self.list();
+        let r = records
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
+        f(r)?;
+        let changed = r.clone();
+        self.put(&changed)?;
+        self.rebuild(records);
+        Ok(changed)
     }
 
     /// Takes in keys made or revoked on other nodes (through the shared store): new ids are

@@ -18,6 +18,7 @@
 //! - [`usage`]: the usage ledger (journal + store), per day, tenant, key and model.
 //! - [`shared`]: the shared store (Redis): limits, quotas and bans of many nodes as one.
 //! - [`gateway`]: the reverse proxy in front of the inference server.
+//! - [`detect`]: abuse detection that bans at the NIC, challenges and suspends keys.
 //! - [`metrics`]: the Prometheus `/metrics` endpoint: XDP verdicts, bans, gateway outcomes,
 //!   tokens, quotas, store health.
 //! - [`cli`]: the `aiguard` command line.
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod detect;
 pub mod gateway;
 pub mod keys;
 pub mod limits;

@@ -47,7 +47,7 @@ impl TestGateway {
         let tokenizer = Tokenizer::load(config.gateway.tokenizer);
         let shared = if config.store.is_shared() {
             Some(
-                Shared::open(&config.store, store)
+                Shared::open(&config.store, store.clone())
                     .await
                     .unwrap_or_else(|e| panic!("shared store: {e}")),
             )
@@ -61,6 +61,7 @@ impl TestGateway {
                 Arc::new(ledger),
                 tokenizer,
                 shared.clone(),
+                store,
             )
             .expect("gateway"),
         );

@@ -269,6 +269,57 @@ pub fn connect_from(ns: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration)
     })
 }
 
+/// Sends `request` (a whole HTTP/1.1 request with `connection: close`) from `src` in `ns` to
+/// `dst` and returns the answer's status and whole text, or how the connection failed.
+pub fn http_from(
+    ns: &Netns,
+    src: IpAddr,
+    dst: SocketAddr,
+    request: &str,
+    timeout: Duration,
+) -> Result<(u16, String), Reach> {
+    use std::io::{Read as _, Write as _};
+    ns.run(|| {
+        let family = match dst {
+            SocketAddr::V4(_) => AddressFamily::Inet,
+            SocketAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+            .expect("creating a TCP socket");
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrStorage::from(SocketAddr::new(src, 0)),
+        )
+        .unwrap_or_else(|e| panic!("binding the source address {src}: {e}"));
+        let ms = i64::try_from(timeout.as_millis()).expect("a sane timeout");
+        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::milliseconds(ms))
+            .expect("setting SO_SNDTIMEO");
+        match connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
+            Ok(()) => {}
+            Err(Errno::EINPROGRESS | Errno::EAGAIN | Errno::ETIMEDOUT) => {
+                return Err(Reach::TimedOut);
+            }
+            Err(e) => return Err(Reach::Failed(e)),
+        }
+        let mut stream = std::net::TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(timeout))
+            .expect("setting the read timeout");
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| Reach::Failed(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        let mut out = String::new();
+        stream
+            .read_to_string(&mut out)
+            .map_err(|_| Reach::TimedOut)?;
+        let status = out
+            .get(9..12)
+            .and_then(|c| c.parse().ok())
+            .ok_or(Reach::Failed(Errno::EPROTO))?;
+        Ok((status, out))
+    })
+}
+
 /// Whether a TCP connection from `src` to `dst` completes within `timeout`.
 pub fn try_connect(ns: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration) -> bool {
     connect_from(ns, src, dst, timeout) == Reach::Connected

@@ -14,6 +14,8 @@ pub fn is_gateway_request(r: &Request) -> bool {
         Request::KeysAdd { .. }
             | Request::KeysList { .. }
             | Request::KeysRevoke { .. }
+            | Request::KeysSuspend { .. }
+            | Request::KeysResume { .. }
             | Request::Quota { .. }
             | Request::Usage { .. }
             | Request::Reload
@@ -47,7 +49,9 @@ pub fn status(node: &Node) -> Option<GatewayStatus> {
 
 fn key_error(e: KeyError) -> Reply {
     let kind = match e {
-        KeyError::NotFound(_) | KeyError::AlreadyRevoked(_) => ErrorKind::Conflict,
+        KeyError::NotFound(_) | KeyError::AlreadyRevoked(_) | KeyError::NotSuspended(_) => {
+            ErrorKind::Conflict
+        }
         KeyError::Store(_) => ErrorKind::Internal,
     };
     error(kind, e.to_string(), None)
@@ -103,6 +107,28 @@ pub fn handle(node: &mut Node, request: Request) -> Reply {
                 }
                 key.sha256.clear();
                 Reply::KeyRevoked { key }
+            }
+            Err(e) => key_error(e),
+        },
+        Request::KeysSuspend { id, for_ms, reason } => {
+            let reason = reason.unwrap_or_else(|| "suspended by an operator".into());
+            match node
+                .keys
+                .suspend(&id, now_ms().saturating_add(for_ms), &reason)
+            {
+                Ok(mut key) => {
+                    tracing::warn!(key = %key.id, tenant = %key.tenant, %reason, "key suspended");
+                    key.sha256.clear();
+                    Reply::KeySuspended { key }
+                }
+                Err(e) => key_error(e),
+            }
+        }
+        Request::KeysResume { id } => match node.keys.resume(&id, now_ms()) {
+            Ok(mut key) => {
+                tracing::info!(key = %key.id, tenant = %key.tenant, "key resumed");
+                key.sha256.clear();
+                Reply::KeyResumed { key }
             }
             Err(e) => key_error(e),
         },

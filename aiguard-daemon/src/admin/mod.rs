@@ -69,6 +69,16 @@ pub enum Request {
     KeysRevoke {
         id: String,
     },
+    /// Suspends a key for `for_ms` (403 until then).
+    KeysSuspend {
+        id: String,
+        for_ms: u64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    KeysResume {
+        id: String,
+    },
     /// A tenant's monthly token quota: used, reserved, remaining.
     Quota {
         tenant: String,
@@ -125,6 +135,12 @@ pub enum Reply {
         keys: Vec<KeyRecord>,
     },
     KeyRevoked {
+        key: KeyRecord,
+    },
+    KeySuspended {
+        key: KeyRecord,
+    },
+    KeyResumed {
         key: KeyRecord,
     },
     Quota(QuotaReport),

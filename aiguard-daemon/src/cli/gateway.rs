@@ -31,6 +31,17 @@ pub enum KeysCommand {
     },
     /// Revoke a key by id: from now on it gets 401.
     Revoke { id: String },
+    /// Suspend a key: it gets 403 until the time is up or it is resumed.
+    Suspend {
+        id: String,
+        /// How long, e.g. 30m, 1h, 7d.
+        #[arg(long = "for", value_parser = humantime::parse_duration, default_value = "1h")]
+        duration: std::time::Duration,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a key's suspension.
+    Resume { id: String },
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -94,6 +105,32 @@ pub fn keys(socket: &Path, cmd: KeysCommand) -> anyhow::Result<()> {
             }
             other => unexpected(other),
         },
+        KeysCommand::Suspend {
+            id,
+            duration,
+            reason,
+        } => {
+            let for_ms = duration.as_millis() as u64;
+            match ask(socket, &Request::KeysSuspend { id, for_ms, reason })? {
+                Reply::KeySuspended { key } => {
+                    println!(
+                        "suspended {} (tenant {}) until {}",
+                        key.id,
+                        key.tenant,
+                        key.suspended_until_ms.map_or_else(String::new, fmt_time)
+                    );
+                    Ok(())
+                }
+                other => unexpected(other),
+            }
+        }
+        KeysCommand::Resume { id } => match ask(socket, &Request::KeysResume { id })? {
+            Reply::KeyResumed { key } => {
+                println!("resumed {} (tenant {})", key.id, key.tenant);
+                Ok(())
+            }
+            other => unexpected(other),
+        },
     }
 }
 
@@ -107,9 +144,15 @@ fn print_keys(keys: &[KeyRecord]) {
         "ID", "TENANT", "TIER", "STARTS", "CREATED"
     );
     for k in keys {
-        let state = match k.revoked_ms {
-            Some(ms) => format!("revoked {}", fmt_time(ms)),
-            None => "active".into(),
+        let now = crate::bans::now_ms();
+        let state = match (k.revoked_ms, k.suspended_until_ms) {
+            (Some(ms), _) => format!("revoked {}", fmt_time(ms)),
+            (None, Some(until)) if until > now => format!(
+                "suspended until {} ({})",
+                fmt_time(until),
+                k.suspended_reason.as_deref().unwrap_or("no reason given")
+            ),
+            _ => "active".into(),
         };
         println!(
             "{:<17} {:<20} {:<12} {:<9} {:<20} {state}",

@@ -133,6 +133,61 @@ pub fn store_unavailable(retry: Duration) -> Response<Body> {
     r
 }
 
+/// A challenged source without a (valid) proof of work: the token to solve, and how hard.
+/// `failure` says what was wrong with the proof sent, if one was.
+pub fn challenge(token: &str, difficulty: u8, failure: Option<&str>) -> Response<Body> {
+    let why = failure.map_or_else(String::new, |f| {
+        format!(" The proof sent was refused: {f}.")
+    });
+    let mut r = error(
+        StatusCode::PRECONDITION_REQUIRED,
+        &format!(
+            "Requests from your network must carry a proof of work. Find a string S such that \
+             SHA-256(\"<x-aiguard-challenge>:S\") starts with {difficulty} zero bits and repeat \
+             the request with the header `x-aiguard-proof: <x-aiguard-challenge>:S`.{why}"
+        ),
+        "invalid_request_error",
+        Some("challenge_required"),
+    );
+    if let Ok(v) = HeaderValue::from_str(token) {
+        r.headers_mut().insert("x-aiguard-challenge", v);
+    }
+    r.headers_mut().insert(
+        "x-aiguard-challenge-difficulty",
+        HeaderValue::from(u32::from(difficulty)),
+    );
+    r
+}
+
+/// A suspended key (abuse detection or an operator).
+pub fn suspended(until_ms: u64) -> Response<Body> {
+    let mut r = error(
+        StatusCode::FORBIDDEN,
+        &format!(
+            "This API key is suspended until {} (UTC) because of unusual activity. Contact your administrator.",
+            crate::cli::fmt_time(until_ms)
+        ),
+        "invalid_request_error",
+        Some("key_suspended"),
+    );
+    let secs = until_ms
+        .saturating_sub(crate::bans::now_ms())
+        .div_ceil(1000)
+        .max(1);
+    retry_after(r.headers_mut(), Duration::from_secs(secs));
+    r
+}
+
+/// A request a prompt rule with the `reject` action matched.
+pub fn prompt_rejected(rule: &str) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        &format!("Your request was rejected by the content rule {rule:?}."),
+        "invalid_request_error",
+        Some("prompt_rejected"),
+    )
+}
+
 /// A request shed while it waited for an upstream slot (see [`super::priority`]).
 pub fn shed(shed: super::priority::Shed, tier: &str) -> Response<Body> {
     let mut r = if shed.upstream_saturated() {

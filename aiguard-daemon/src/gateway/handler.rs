@@ -18,6 +18,8 @@ use super::{
     metered::{self, Metered, ResponseKind, Settlement},
 };
 use crate::{
+    bans::now_ms,
+    detect::prompt::RuleAction,
     keys::LiveKey,
     limits::{Demand, Denial},
     metrics::{Outcome, gateway::NO_TIER},
@@ -56,6 +58,10 @@ const HOP_BY_HOP: &[&str] = &[
 /// Identity headers the gateway sets for the upstream; a client's own are removed.
 const TENANT_HEADER: &str = "x-aiguard-tenant";
 const KEY_ID_HEADER: &str = "x-aiguard-key-id";
+/// The prompt rules with the `tag` action that a request matched, for the upstream.
+const FLAGS_HEADER: &str = "x-aiguard-flags";
+/// A solved proof of work: `<token>:<solution>`.
+const PROOF_HEADER: &str = crate::detect::challenge::PROOF_HEADER;
 
 pub async fn handle(
     gw: Arc<Gateway>,
@@ -65,10 +71,68 @@ pub async fn handle(
     let active = conn.active.enter();
     gw.counters.requests.fetch_add(1, Ordering::Relaxed);
     let policy = gw.policy();
-    match proxy(&gw, &policy, &conn, req, active).await {
+    let client_ip = match policy.settings.client_address {
+        ClientAddressSource::XForwardedFor => client_addr::from_forwarded_for(
+            &policy.settings.trusted_proxies,
+            conn.peer.ip(),
+            req.headers(),
+        ),
+        ClientAddressSource::ProxyProtocol => conn.client,
+    };
+    let detection = &gw.detection;
+    if let Err(r) = challenge(&gw, client_ip, req.headers()) {
+        detection.engine.answered(client_ip, 428, now_ms());
+        return r;
+    }
+    let response = match proxy(&gw, &policy, &conn, client_ip, req, active).await {
         Ok(r) => r,
         Err(r) => r,
-    }
+    };
+    detection
+        .engine
+        .answered(client_ip, response.status().as_u16(), now_ms());
+    response
+}
+
+/// A source that detection challenged must show a proof of work (see
+/// [`crate::detect::challenge`]); others pass untouched.
+// The error is the answer itself, built only for a refused request.
+#[allow(clippy::result_large_err)]
+fn challenge(
+    gw: &Gateway,
+    ip: std::net::IpAddr,
+    headers: &HeaderMap,
+) -> Result<(), Response<Body>> {
+    let d = &gw.detection;
+    let now = now_ms();
+    let Some(prefix) = d.engine.challenged(ip, now) else {
+        return Ok(());
+    };
+    let subject = prefix.to_string();
+    let failure = match headers.get(PROOF_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(proof)) => match d.challenger.verify(&subject, proof, now) {
+            Ok(()) => {
+                d.metrics.challenge("passed");
+                return Ok(());
+            }
+            Err(e) => Some(e.to_string()),
+        },
+        Some(Err(_)) => Some("the proof header is not visible ASCII".to_owned()),
+    };
+    d.metrics.challenge(if failure.is_some() {
+        "failed"
+    } else {
+        "issued"
+    });
+    gw.counters.challenged.fetch_add(1, Ordering::Relaxed);
+    gw.metrics.count(NO_TIER, Outcome::Challenged);
+    let c = d.challenger.challenge(&subject, now);
+    Err(answers::challenge(
+        &c.token,
+        c.difficulty,
+        failure.as_deref(),
+    ))
 }
 
 /// Which API a request speaks, by its path (after any prefix): it decides what is read from the
@@ -191,6 +255,8 @@ struct Inspected {
     /// Whether the client itself asked for the usage chunk of a stream (if not, the gateway
     /// asked for it and hides it from the client).
     client_wants_usage: bool,
+    /// Prompt rules (`tag`) the request matched.
+    flags: Vec<Arc<str>>,
 }
 
 async fn inspect(
@@ -206,6 +272,7 @@ async fn inspect(
             prompt_tokens: 0,
             reserve: 0,
             client_wants_usage: true,
+            flags: Vec::new(),
         });
     }
     let json: Value = serde_json::from_slice(&body).map_err(|e| {
@@ -218,6 +285,7 @@ async fn inspect(
             "The request body must be a JSON object.",
         ));
     }
+    let flags = apply_prompt_rules(gw, &json)?;
     let model = json
         .get("model")
         .and_then(Value::as_str)
@@ -288,7 +356,41 @@ async fn inspect(
         prompt_tokens,
         reserve: prompt_tokens.saturating_add(completion),
         client_wants_usage: wants_usage || !stream,
+        flags,
     })
+}
+
+/// The prompt rules over a request's messages: each match logged with its evidence and
+/// counted; `reject` answers 400; `tag` names the rule to the upstream (returned here).
+#[allow(clippy::result_large_err)]
+fn apply_prompt_rules(gw: &Gateway, json: &Value) -> Result<Vec<Arc<str>>, Response<Body>> {
+    let rules = gw.detection.prompt_rules();
+    if rules.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut flags = Vec::new();
+    for m in rules.check(json) {
+        let action = match m.action {
+            RuleAction::Log => "log",
+            RuleAction::Tag => "tag",
+            RuleAction::Reject => "reject",
+        };
+        let counted = if m.shadow { "shadow" } else { action };
+        gw.detection.metrics.prompt_rule(&m.rule, counted);
+        warn!(rule = %m.rule, action, shadow = m.shadow, evidence = %m.evidence, "prompt rule matched");
+        if m.shadow {
+            continue;
+        }
+        match m.action {
+            RuleAction::Log => {}
+            RuleAction::Tag => flags.push(m.rule.clone()),
+            RuleAction::Reject => {
+                gw.counters.prompt_rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(answers::prompt_rejected(&m.rule));
+            }
+        }
+    }
+    Ok(flags)
 }
 
 async fn read_body(
@@ -366,6 +468,7 @@ async fn proxy(
     gw: &Gateway,
     policy: &Policy,
     conn: &ConnInfo,
+    client_ip: std::net::IpAddr,
     req: Request<Incoming>,
     active: idle::ActiveGuard,
 ) -> Result<Response<Body>, Response<Body>> {
@@ -385,22 +488,18 @@ async fn proxy(
         );
         return Err(r);
     }
-    let client_ip = match s.client_address {
-        ClientAddressSource::XForwardedFor => {
-            client_addr::from_forwarded_for(&s.trusted_proxies, conn.peer.ip(), req.headers())
-        }
-        ClientAddressSource::ProxyProtocol => conn.client,
-    };
-
+    let engine = &gw.detection.engine;
     let key: LiveKey = match presented_key(req.headers()) {
         Err(why) => {
             gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             gw.metrics.count(NO_TIER, Outcome::BadRequest);
+            engine.auth_failure(client_ip, None, now_ms());
             return Err(answers::unauthorized(why));
         }
         Ok(None) => {
             gw.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
             gw.metrics.count(NO_TIER, Outcome::Unauthorized);
+            engine.auth_failure(client_ip, None, now_ms());
             return Err(answers::unauthorized(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
             ));
@@ -410,6 +509,7 @@ async fn proxy(
             None => {
                 gw.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
                 gw.metrics.count(NO_TIER, Outcome::Unauthorized);
+                engine.auth_failure(client_ip, Some(secret), now_ms());
                 debug!(client = %client_ip, "unknown or revoked API key");
                 return Err(answers::unauthorized(
                     "Incorrect API key provided. Check the key, or ask your administrator for a new one.",
@@ -417,6 +517,13 @@ async fn proxy(
             }
         },
     };
+    let now = now_ms();
+    if key.suspended_at(now) {
+        gw.counters.suspended.fetch_add(1, Ordering::Relaxed);
+        gw.metrics.count(NO_TIER, Outcome::Suspended);
+        return Err(answers::suspended(key.suspended_until_ms.unwrap_or(now)));
+    }
+    engine.key_used(client_ip, &key.id, &key.tenant, now);
     let tenant_policy = policy.tiers.policy(&key.tenant, &key.tier);
     // The tier as configured: a key whose tier is gone is served (and counted) in the default.
     let tier_label: &str = if policy.tiers.has_tier(&key.tier) {
@@ -525,8 +632,15 @@ async fn proxy(
         "host",
         TENANT_HEADER,
         KEY_ID_HEADER,
+        FLAGS_HEADER,
+        PROOF_HEADER,
     ] {
         headers.remove(n);
+    }
+    if !inspected.flags.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&inspected.flags.join(","))
+    {
+        headers.insert(FLAGS_HEADER, v);
     }
     if let Some(a) = &s.upstream_authorization
         && let Ok(v) = HeaderValue::from_str(a)

@@ -90,6 +90,12 @@ pub struct Counters {
     pub store_unavailable: AtomicU64,
     /// Shed because the tier's queue for an upstream slot was full or its wait ran out.
     pub shed: AtomicU64,
+    /// Told to show a proof of work (428).
+    pub challenged: AtomicU64,
+    /// A suspended key (403).
+    pub suspended: AtomicU64,
+    /// Refused by a prompt rule (400).
+    pub prompt_rejected: AtomicU64,
     pub in_flight: AtomicU64,
 }
 
@@ -107,6 +113,8 @@ pub struct Gateway {
     pub counters: Counters,
     /// The upstream's slots, when `gateway.upstream_slots` is set.
     pub scheduler: priority::Scheduler,
+    /// Abuse detection: detectors, their responder, challenges, prompt rules.
+    pub detection: Arc<crate::detect::Detection>,
     /// Requests and tokens by tier, in-flight requests, upstream latency (`/metrics`).
     pub metrics: crate::metrics::GatewayMetrics,
 }
@@ -119,8 +127,14 @@ impl Gateway {
         ledger: Arc<Ledger>,
         tokenizer: Tokenizer,
         shared: Option<Arc<crate::shared::Shared>>,
+        store: crate::store::Store,
     ) -> Result<Self, crate::usage::LedgerError> {
         let policy = Policy::from_config(config);
+        let detection = Arc::new(crate::detect::Detection::new(
+            &config.detect,
+            keys.clone(),
+            store,
+        )?);
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(policy.settings.upstream_connect_timeout));
         connector.set_nodelay(true);
@@ -156,6 +170,7 @@ impl Gateway {
             next_upstream: AtomicUsize::new(0),
             counters: Counters::default(),
             scheduler,
+            detection,
         })
     }
 
@@ -187,6 +202,7 @@ impl Gateway {
         }
         self.scheduler
             .configure(new.settings.upstream_slots.unwrap_or(0), &new.tiers);
+        self.detection.configure(&config.detect);
         *slot = Arc::new(new);
         needs_restart
     }
@@ -226,6 +242,11 @@ impl Listeners {
 /// Serves every listener until `shutdown` turns true, then stops accepting and gives in-flight
 /// requests [`DRAIN_TIMEOUT`] to finish.
 pub async fn serve(gw: Arc<Gateway>, listeners: Listeners, mut shutdown: watch::Receiver<bool>) {
+    if let Some(findings) = gw.detection.take_findings() {
+        let responder = gw.detection.responder.clone();
+        tokio::spawn(responder.run(findings, shutdown.clone()));
+        tokio::spawn(sweep_detection(gw.detection.clone(), shutdown.clone()));
+    }
     let graceful = GracefulShutdown::new();
     let mut accepts = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(1024);
@@ -321,6 +342,25 @@ async fn serve_connection(
     let conn = builder.serve_connection(io, service);
     if let Err(e) = watcher.watch(conn).await {
         debug!(%peer, error = %e, "gateway connection ended with an error");
+    }
+}
+
+/// How often idle detector state and old offenses are forgotten.
+const DETECTION_SWEEP: Duration = Duration::from_secs(10);
+
+async fn sweep_detection(
+    detection: Arc<crate::detect::Detection>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(DETECTION_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let d = detection.clone();
+        let _ = tokio::task::spawn_blocking(move || d.responder.sweep(crate::bans::now_ms())).await;
     }
 }
 

@@ -35,10 +35,14 @@ pub enum Outcome {
     /// Admitted by its limits, but shed while waiting for an upstream slot: the tier's queue
     /// was full or its wait ran out (429, or 503 when the upstream itself is saturated).
     QueueFull,
+    /// A challenged source without a valid proof of work (428).
+    Challenged,
+    /// A suspended key (403).
+    Suspended,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Allowed,
         Outcome::RateLimited,
         Outcome::QuotaExceeded,
@@ -47,6 +51,8 @@ impl Outcome {
         Outcome::UpstreamError,
         Outcome::StoreUnavailable,
         Outcome::QueueFull,
+        Outcome::Challenged,
+        Outcome::Suspended,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +65,8 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::QueueFull => "queue_full",
+            Outcome::Challenged => "challenged",
+            Outcome::Suspended => "suspended",
         }
     }
 }
@@ -158,12 +166,20 @@ impl GatewayMetrics {
 
     /// Zero series for tiers (again at reload, for tiers that are new).
     pub fn add_tiers<'a>(&self, tiers: impl IntoIterator<Item = &'a str>) {
-        for o in [Outcome::Unauthorized, Outcome::BadRequest] {
+        for o in [
+            Outcome::Unauthorized,
+            Outcome::BadRequest,
+            Outcome::Challenged,
+            Outcome::Suspended,
+        ] {
             self.requests.with_label_values(&[NO_TIER, o.as_str()]);
         }
         for tier in tiers {
             for o in Outcome::ALL {
-                if o != Outcome::Unauthorized {
+                if !matches!(
+                    o,
+                    Outcome::Unauthorized | Outcome::Challenged | Outcome::Suspended
+                ) {
                     self.requests.with_label_values(&[tier, o.as_str()]);
                 }
             }

@@ -9,10 +9,12 @@
 //!   time;
 //! - [`node`]: what already lives elsewhere and is read at scrape time: the XDP program's
 //!   per-CPU verdict counters, the bans in the kernel's tries, the shared store's health;
+//! - [`detect`]: abuse detection: detector triggers, actions, proofs of work, prompt rules;
 //! - [`families`]: metric families built at scrape time from plain numbers.
 //!
 //! Labels never carry an API key or a key id: tiers, tenants (operator-chosen names), interfaces,
 //! verdicts, ban origins and banned ranges only.
+pub mod detect;
 pub mod families;
 pub mod gateway;
 pub mod node;
@@ -91,6 +93,9 @@ impl Exporter {
     /// Adds the gateway's metrics.
     pub fn with_gateway(self, gw: Arc<Gateway>) -> Result<Self, MetricsError> {
         for c in gw.metrics.collectors() {
+            self.registry.register(c).map_err(MetricsError::Register)?;
+        }
+        for c in gw.detection.metrics.collectors() {
             self.registry.register(c).map_err(MetricsError::Register)?;
         }
         self.registry
