@@ -458,8 +458,10 @@ fn every_dashboard_query_and_alert_runs_against_a_real_prometheus() {
         &server,
         &format!(
             "[gateway]\nlisten = [\"{gateway}\"]\nupstreams = [\"{}\"]\ndefault_tier = \"free\"\n\
+             upstream_slots = 64\n\
              [tiers.free]\n[tiers.free.per_key]\nrequests_per_minute = 2\n\
-             [tiers.paid]\nmonthly_tokens = 100000\n",
+             [tiers.paid]\nmonthly_tokens = 100000\nweight = 10\n\
+             [[detect.prompt_rules]]\nname = \"override\"\nphrases = [\"ignore previous instructions\"]\n",
             upstream.url()
         ),
         &[

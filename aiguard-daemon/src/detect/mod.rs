@@ -72,6 +72,7 @@ impl Detection {
             metrics.clone(),
         )?);
         let rules = PromptRules::compile(&settings.prompt_rules).expect("validated prompt rules");
+        add_rule_series(&metrics, settings);
         Ok(Self {
             engine,
             responder,
@@ -87,6 +88,7 @@ impl Detection {
         self.engine.configure(settings);
         self.responder.configure(settings);
         self.challenger.set_settings(challenge_settings(settings));
+        add_rule_series(&self.metrics, settings);
         if let Ok(rules) = PromptRules::compile(&settings.prompt_rules) {
             *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
         }
@@ -103,6 +105,14 @@ impl Detection {
             .unwrap_or_else(|p| p.into_inner())
             .take()
     }
+}
+
+/// Each configured prompt rule's match counter, from zero.
+fn add_rule_series(metrics: &DetectMetrics, settings: &DetectSettings) {
+    metrics.add_prompt_rules(settings.prompt_rules.iter().map(|r| {
+        let action = if r.shadow { "shadow" } else { r.action.as_str() };
+        (r.name.as_str(), action)
+    }));
 }
 
 fn challenge_secret(store: &Store) -> Result<[u8; 32], StoreError> {

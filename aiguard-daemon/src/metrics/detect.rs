@@ -50,7 +50,19 @@ impl DetectMetrics {
         for r in ["issued", "passed", "failed"] {
             m.challenges.with_label_values(&[r]);
         }
+        for a in ["ban", "challenge", "suspend", "log"] {
+            for r in ["done", "refused"] {
+                m.actions.with_label_values(&[a, r]);
+            }
+        }
         m
+    }
+
+    /// Zero series for configured prompt rules (again at reload, for new ones).
+    pub fn add_prompt_rules<'a>(&self, rules: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        for (rule, action) in rules {
+            self.prompt_rules.with_label_values(&[rule, action]);
+        }
     }
 
     pub fn finding(&self, detector: &str, action: &str, mode: &str) {
