@@ -31,6 +31,18 @@ const POLL: Duration = Duration::from_millis(50);
 /// The tier every benchmark key belongs to.
 const TIER: &str = "bench";
 
+/// Whether abuse detection and priority queueing are on: the same daemon is reloaded between
+/// the two legs that measure what they cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    /// Every detector enforcing (none fires: the thresholds are above what the load does),
+    /// and the upstream's slots shared by weight (more slots than the load's connections, so
+    /// nothing waits: the cost of the bookkeeping, not of queueing).
+    On,
+    /// `[detect] enabled = false`, no `upstream_slots`.
+    Off,
+}
+
 /// A running daemon; stopped by PID, and its pins removed, on drop.
 pub struct Gateway {
     // Declared before `pins`: the daemon stops before its pin directory goes.
@@ -39,6 +51,10 @@ pub struct Gateway {
     binary: PathBuf,
     socket: PathBuf,
     pub addr: SocketAddr,
+    config: PathBuf,
+    upstream: SocketAddr,
+    per_minute: u64,
+    protection: Protection,
 }
 
 impl Gateway {
@@ -53,8 +69,11 @@ impl Gateway {
         per_minute: u64,
     ) -> Result<Self> {
         let config = dir.join("aiguard.toml");
-        fs::write(&config, config_toml(addr, upstream, per_minute))
-            .with_context(|| format!("writing {}", config.display()))?;
+        fs::write(
+            &config,
+            config_toml(addr, upstream, per_minute, Protection::On),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
         let state = dir.join("aiguard-state");
         fs::create_dir(&state).with_context(|| format!("creating {}", state.display()))?;
         let socket = dir.join("aiguard.sock");
@@ -79,6 +98,10 @@ impl Gateway {
             binary: binary.to_owned(),
             socket,
             addr,
+            config,
+            upstream,
+            per_minute,
+            protection: Protection::On,
         };
         gateway.wait_ready()?;
         Ok(gateway)
@@ -91,6 +114,30 @@ impl Gateway {
     /// An error, with the end of its log, if the daemon has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         self.process.ensure_running()
+    }
+
+    /// Turns detection and queueing on or off (`aiguard reload` of a rewritten config).
+    pub fn set_protection(&mut self, protection: Protection) -> Result<()> {
+        if protection == self.protection {
+            return Ok(());
+        }
+        let toml = config_toml(self.addr, self.upstream, self.per_minute, protection);
+        fs::write(&self.config, toml)
+            .with_context(|| format!("writing {}", self.config.display()))?;
+        let mut cmd = self.cli();
+        cmd.arg("reload");
+        let line = crate::shown(&cmd);
+        let output = cmd
+            .output()
+            .with_context(|| format!("could not run `{line}`"))?;
+        if !output.status.success() {
+            bail!(
+                "`{line}` failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        self.protection = protection;
+        Ok(())
     }
 
     /// The CLI talking to this daemon.
@@ -187,17 +234,45 @@ impl Gateway {
 }
 
 /// The daemon's configuration: a gateway on `listen` in front of `upstream`, and the tier the
-/// benchmark's keys are in, limited to `per_minute` requests per key.
-pub fn config_toml(listen: SocketAddr, upstream: SocketAddr, per_minute: u64) -> String {
+/// benchmark's keys are in, limited to `per_minute` requests per key; with or without
+/// detection and queueing.
+pub fn config_toml(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    per_minute: u64,
+    protection: Protection,
+) -> String {
+    let (slots, weight, detect) = match protection {
+        // The load's 1,000 keys all come from 127.0.0.1: key spraying's threshold is above it.
+        Protection::On => (
+            "upstream_slots = 4096\n",
+            "weight = 10\n",
+            "[detect]
+[detect.credential_stuffing]
+shadow = false
+[detect.error_storm]
+shadow = false
+[detect.key_sharing]
+shadow = false
+[detect.key_spraying]
+shadow = false
+threshold = 1000000
+[detect.rate_spike]
+shadow = false
+",
+        ),
+        Protection::Off => ("", "", "[detect]\nenabled = false\n"),
+    };
     format!(
         "# Written by `cargo xtask bench gateway`.
 [gateway]
 listen = [\"{listen}\"]
 upstreams = [\"http://{upstream}\"]
-
+{slots}
 [tiers.{TIER}]
 requests_per_minute = {per_minute}
-"
+{weight}
+{detect}"
     )
 }
 
@@ -230,10 +305,20 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 8002)),
             SocketAddr::from(([127, 0, 0, 1], 8001)),
             600_000,
+            Protection::On,
         );
         assert!(toml.contains("[gateway]\nlisten = [\"127.0.0.1:8002\"]\n"));
         assert!(toml.contains("upstreams = [\"http://127.0.0.1:8001\"]\n"));
         assert!(toml.contains("[tiers.bench]\nrequests_per_minute = 600000\n"));
+        assert!(toml.contains("upstream_slots = 4096\n"));
+        let off = config_toml(
+            SocketAddr::from(([127, 0, 0, 1], 8002)),
+            SocketAddr::from(([127, 0, 0, 1], 8001)),
+            600_000,
+            Protection::Off,
+        );
+        assert!(off.contains("[detect]\nenabled = false\n"));
+        assert!(!off.contains("upstream_slots"));
     }
 
     #[test]

@@ -146,18 +146,27 @@ pub enum Leg {
     Nginx,
     /// aiguard's gateway.
     Aiguard,
+    /// aiguard's gateway with detection and priority queueing off (the same daemon, reloaded).
+    AiguardPlain,
     /// aiguard's HTTP stack alone (the `passthrough` example): no checks, no accounting.
     Passthrough,
 }
 
 impl Leg {
-    const ALL: [Self; 4] = [Self::Direct, Self::Nginx, Self::Aiguard, Self::Passthrough];
+    const ALL: [Self; 5] = [
+        Self::Direct,
+        Self::Nginx,
+        Self::Aiguard,
+        Self::AiguardPlain,
+        Self::Passthrough,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Self::Direct => "upstream directly",
             Self::Nginx => "nginx limit_req",
             Self::Aiguard => "aiguard gateway",
+            Self::AiguardPlain => "aiguard, detection and queueing off",
             Self::Passthrough => "hyper pass-through (no checks)",
         }
     }
@@ -248,7 +257,7 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
         return run_optimized();
     }
     let legs = args.legs();
-    let with_aiguard = http && legs.contains(&Leg::Aiguard);
+    let with_aiguard = http && (legs.contains(&Leg::Aiguard) || legs.contains(&Leg::AiguardPlain));
     if with_aiguard {
         setup::require_root("the aiguard leg of `cargo xtask bench gateway` (it loads XDP)")?;
         // Installs nginx and wrk, and what building the daemon needs, when missing.
@@ -554,7 +563,7 @@ impl Servers {
                 let proxy = self.proxy.as_ref().context("no nginx proxy")?;
                 (proxy.addr, Some(proxy.process.pid()))
             }
-            Leg::Aiguard => {
+            Leg::Aiguard | Leg::AiguardPlain => {
                 let gateway = self.gateway.as_ref().context("no aiguard gateway")?;
                 (gateway.addr, Some(gateway.pid()))
             }
@@ -563,6 +572,20 @@ impl Servers {
                 (*addr, Some(process.pid()))
             }
         })
+    }
+
+    /// Readies `leg`'s server: the aiguard legs reload the daemon with detection and queueing
+    /// on or off.
+    fn prepare(&mut self, leg: Leg) -> Result<()> {
+        let protection = match leg {
+            Leg::Aiguard => aiguard::Protection::On,
+            Leg::AiguardPlain => aiguard::Protection::Off,
+            _ => return Ok(()),
+        };
+        self.gateway
+            .as_mut()
+            .context("no aiguard gateway")?
+            .set_protection(protection)
     }
 
     /// An error if any server has exited.
@@ -733,6 +756,7 @@ impl Bench<'_> {
     /// wrk at saturation after a warm-up; CPU time of the proxy and the upstream over the
     /// measured run.
     fn throughput_once(&mut self, leg: Leg, round: usize) -> Result<ThroughputSample> {
+        self.servers.prepare(leg)?;
         let (addr, proxy) = self.servers.target(leg)?;
         let warmup = self.wrk().run(addr, WRK_WARMUP_SECS)?;
         refuse_errors(&warmup).context("warm-up")?;
@@ -761,6 +785,7 @@ impl Bench<'_> {
 
     /// The fixed-rate load (its warm-up included); the proxy's CPU time over all of it.
     fn latency_once(&mut self, leg: Leg, round: usize, rate: f64) -> Result<LatencySample> {
+        self.servers.prepare(leg)?;
         let (addr, proxy) = self.servers.target(leg)?;
         let plan = open_loop::Plan {
             addr,

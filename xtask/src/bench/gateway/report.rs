@@ -111,6 +111,9 @@ pub struct Ratios {
     /// The HTTP stack alone (hyper pass-through) over nginx limit_req, CPU per request at
     /// saturation: the floor under `cpu_per_request`.
     pub passthrough_cpu_per_request: Option<f64>,
+    /// aiguard with detection and queueing over aiguard without, at saturation: what they cost.
+    pub protection_cpu_per_request: Option<f64>,
+    pub protection_throughput: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -371,28 +374,29 @@ impl Report {
                 "CPU per request at the fixed rate",
                 self.ratios.cpu_per_request_at_fixed_rate,
             ),
+            (
+                "CPU per request at saturation of the HTTP stack alone (hyper pass-through, \
+                 no checks): the floor",
+                self.ratios.passthrough_cpu_per_request,
+            ),
         ];
-        if ratios.iter().any(|(_, ratio)| ratio.is_some()) {
-            writeln!(
-                out,
-                "### aiguard / nginx limit_req (median of per-round ratios)\n"
-            )?;
-            writeln!(out, "| measure | ratio |")?;
-            writeln!(out, "|---|---:|")?;
-            for (measure, ratio) in ratios {
-                if let Some(ratio) = ratio {
-                    writeln!(out, "| {measure} | {ratio:.2}x |")?;
-                }
-            }
-            if let Some(ratio) = self.ratios.passthrough_cpu_per_request {
-                writeln!(
-                    out,
-                    "| CPU per request at saturation of the HTTP stack alone (hyper \
-                     pass-through, no checks): the floor | {ratio:.2}x |"
-                )?;
-            }
-            writeln!(out)?;
-        }
+        write_ratios(
+            out,
+            "aiguard / nginx limit_req (median of per-round ratios)",
+            &ratios,
+        )?;
+        let protection = [
+            (
+                "CPU per request at saturation",
+                self.ratios.protection_cpu_per_request,
+            ),
+            ("throughput", self.ratios.protection_throughput),
+        ];
+        write_ratios(
+            out,
+            "aiguard with / without detection and priority queueing (median of per-round ratios)",
+            &protection,
+        )?;
         Ok(())
     }
 
@@ -629,6 +633,22 @@ fn quality_notes(samples: &Samples) -> Vec<String> {
     notes
 }
 
+/// A table of the ratios that were measured, under `title`; nothing when none was.
+fn write_ratios(out: &mut String, title: &str, ratios: &[(&str, Option<f64>)]) -> std::fmt::Result {
+    if ratios.iter().all(|(_, ratio)| ratio.is_none()) {
+        return Ok(());
+    }
+    writeln!(out, "### {title}\n")?;
+    writeln!(out, "| measure | ratio |")?;
+    writeln!(out, "|---|---:|")?;
+    for (measure, ratio) in ratios {
+        if let Some(ratio) = ratio {
+            writeln!(out, "| {measure} | {ratio:.2}x |")?;
+        }
+    }
+    writeln!(out)
+}
+
 fn ratios(samples: &Samples) -> Ratios {
     let pair = (Leg::Aiguard, Leg::Nginx);
     let divide = |ours: f64, theirs: f64| ours / theirs;
@@ -663,6 +683,22 @@ fn ratios(samples: &Samples) -> Ratios {
             |s| s.leg,
             |s| s.proxy_cpu_us_per_request,
             (Leg::Passthrough, Leg::Nginx),
+            divide,
+        ),
+        protection_cpu_per_request: paired_median(
+            &samples.throughput,
+            |s| s.round,
+            |s| s.leg,
+            |s| s.proxy_cpu_us_per_request,
+            (Leg::Aiguard, Leg::AiguardPlain),
+            divide,
+        ),
+        protection_throughput: paired_median(
+            &samples.throughput,
+            |s| s.round,
+            |s| s.leg,
+            |s| Some(s.requests_per_sec),
+            (Leg::Aiguard, Leg::AiguardPlain),
             divide,
         ),
     }
