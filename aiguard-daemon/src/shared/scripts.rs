@@ -8,9 +8,18 @@
 //!
 //! Layout shared by `ADMIT` and `SETTLE`: for level i (tenant, key, then model) `KEYS[2i-1]`
 //! is its bucket hash (fields m/ml: requests per minute arrival time and the limit it was
-//! charged under; d/dl per day; t/tl tokens per minute) and `KEYS[2i]` its concurrency leases
-//! (a sorted set of lease ids scored by expiry, so a node that dies frees its slots); the last
-//! key is the tenant's token counter for the calendar month.
+//! charged under; d/dl per day; t/tl tokens per minute; e: when the hash expires and c: when
+//! the level's lease set expires, unix ms) and `KEYS[2i]` its concurrency leases (a sorted set
+//! of lease ids scored by expiry, so a node that dies frees its slots; a settled lease scores
+//! 0); then the tenant's token counter for the calendar month, then the request's record.
+//!
+//! Most of what a script costs Redis is the work around each `redis.call` (its arguments and
+//! answer converted), more than the commands themselves; so the scripts make only the calls
+//! that can change something. An expiry is renewed only when the hash's e or c says it would
+//! fall short (then by a second more than needed) and never shortened (`GT`; only a key just
+//! made has none); expired leases stay in their set until they could refuse a request or its
+//! expiry is renewed; the month's counter gets its expiry when it is made (its name fixes it).
+//! Script answers are numbers (integer replies).
 use redis::Script;
 
 /// Admits a request against every level at once, or refuses it and changes nothing.
@@ -21,124 +30,186 @@ use redis::Script;
 ///
 /// Returns `{0, quota reserved, month used, req limit, req remaining, req reset us, tok limit,
 /// tok remaining, tok reset us}` (limits -1 when none), `{6}` when the request was cancelled
-/// before this ran, or a refusal:
+/// before this ran (a refusal answers first: neither changes anything), or a refusal:
 /// `{1, level, limit}` concurrency; `{2, used, needed, limit}` monthly quota;
 /// `{3, level, 1|2 (minute|day), limit, retry us}` requests; `{4, level, limit, retry us}`
 /// tokens; `{5, level, limit}` a request larger than the tokens/minute limit.
 pub const ADMIT: &str = r#"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = t[1] * 1000000 + t[2]
 local now_ms = math.floor(now / 1000)
-local n = tonumber(ARGV[1])
-local member = ARGV[2]
-local lease_ms = tonumber(ARGV[3])
-local tokens = tonumber(ARGV[4])
-local min_tokens = tonumber(ARGV[5])
-local monthly = tonumber(ARGV[6])
-local month_gone = tonumber(ARGV[7])
+local n = ARGV[1] + 0
+local fmt, floor, ceil = string.format, math.floor, math.ceil
+local tokens = ARGV[4] + 0
 local MIN, DAY = 60000000, 86400000000
-local function fmt(x) return string.format('%d', x) end
-local function weight(cost, limit, period) return math.ceil(cost * period / limit) end
-local function tat_for(tat, old, limit)
-  if old == limit or old == 0 or tat <= now then return tat end
-  return now + math.floor((tat - now) * old / limit)
-end
-local function take(tat, old, cost, limit, period)
-  local nt = math.max(tat_for(tat, old, limit), now) + weight(cost, limit, period)
-  if nt - now <= period then return nt, 0 end
-  return nil, nt - now - period
-end
-local function arg(i, j) return tonumber(ARGV[7 + (i - 1) * 4 + j]) end
-local record = KEYS[2 * n + 2]
-if redis.call('EXISTS', record) == 1 then return {6} end
 
+-- Leases in each level's set, expired ones too unless they could refuse (0: no set yet).
+local held = {false, false, false}
 for i = 1, n do
-  local maxc = arg(i, 4)
-  if maxc > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', now_ms)
-    if redis.call('ZCARD', KEYS[2 * i]) >= maxc then return {1, i, maxc} end
+  local maxc = ARGV[7 + 4 * i]
+  if maxc ~= '0' then
+    maxc = maxc + 0
+    local c = redis.call('ZCARD', KEYS[2 * i])
+    if c >= maxc then
+      c = c - redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', now_ms)
+      if c >= maxc then return {1, i, maxc} end
+    end
+    held[i] = c
   end
 end
 
 local month_key = KEYS[2 * n + 1]
-local used = tonumber(redis.call('GET', month_key) or '0')
 local quota_reserved = tokens
-if monthly > 0 then
-  local need = math.max(min_tokens, 1)
+if ARGV[6] ~= '0' then
+  local monthly = ARGV[6] + 0
+  local used = (redis.call('GET', month_key) or 0) + 0
+  local need = math.max(ARGV[5] + 0, 1)
   local left = monthly - used
-  if left < need then return {2, fmt(used), need, monthly} end
+  if left < need then return {2, used, need, monthly} end
   quota_reserved = math.min(tokens, left)
 end
 
-local new = {}
-for i = 1, n do
-  local rpm, rpd, tpm = arg(i, 1), arg(i, 2), arg(i, 3)
-  local h = redis.call('HMGET', KEYS[2 * i - 1], 'm', 'ml', 'd', 'dl', 't', 'tl')
-  local s = {}
-  for j = 1, 6 do s[j] = tonumber(h[j] or '0') or 0 end
-  local r = {}
-  if rpm > 0 then
-    local nt, wait = take(s[1], s[2], 1, rpm, MIN)
-    if not nt then return {3, i, 1, rpm, fmt(wait)} end
-    r.m = nt
-  end
-  if rpd > 0 then
-    local nt, wait = take(s[3], s[4], 1, rpd, DAY)
-    if not nt then return {3, i, 2, rpd, fmt(wait)} end
-    r.d = nt
-  end
-  if tpm > 0 then
-    if tokens > tpm then return {5, i, tpm} end
-    local nt, wait = take(s[5], s[6], tokens, tpm, MIN)
-    if not nt then return {4, i, tpm, fmt(wait)} end
-    r.t = nt
-  end
-  new[i] = r
-end
-
+-- Per level with a rate, in st[5i-4 .. 5i]: the new arrival times (m, d, t), whether its hash
+-- was there, how far its last arrival time is ahead. (Tables made at their size: one that
+-- grows is rehashed at every power of two.) A time still ahead that was charged under another
+-- limit is rescaled to this one.
 local rl, rr, rs, tl, tr, ts = -1, -1, 0, -1, -1, 0
-local function remaining(tat, limit)
-  local used_us = math.min(tat - now, MIN)
-  return math.floor((MIN - used_us) * limit / MIN)
-end
+local st = {false, false, false, false, false, false, false, false, false, false, false, false,
+  false, false, false}
+local hs = {false, false, false}
 for i = 1, n do
-  local rpm, rpd, tpm, maxc = arg(i, 1), arg(i, 2), arg(i, 3), arg(i, 4)
-  local r = new[i]
-  local f = {}
-  local horizon = 0
-  if r.m then
-    f[#f + 1] = 'm'; f[#f + 1] = fmt(r.m); f[#f + 1] = 'ml'; f[#f + 1] = rpm
-    horizon = math.max(horizon, r.m - now)
-    local rem = remaining(r.m, rpm)
-    if rr < 0 or rem < rr then rl, rr, rs = rpm, rem, r.m - now end
-  end
-  if r.d then
-    f[#f + 1] = 'd'; f[#f + 1] = fmt(r.d); f[#f + 1] = 'dl'; f[#f + 1] = rpd
-    horizon = math.max(horizon, r.d - now)
-  end
-  if r.t then
-    f[#f + 1] = 't'; f[#f + 1] = fmt(r.t); f[#f + 1] = 'tl'; f[#f + 1] = tpm
-    horizon = math.max(horizon, r.t - now)
-    local rem = remaining(r.t, tpm)
-    if tr < 0 or rem < tr then tl, tr, ts = tpm, rem, r.t - now end
-  end
-  if #f > 0 then
-    redis.call('HSET', KEYS[2 * i - 1], unpack(f))
-    local ttl = math.ceil(horizon / 1000) + 1000
-    if redis.call('PTTL', KEYS[2 * i - 1]) < ttl then
-      redis.call('PEXPIRE', KEYS[2 * i - 1], ttl)
+  local rpm, rpd, tpm = ARGV[4 + 4 * i], ARGV[5 + 4 * i], ARGV[6 + 4 * i]
+  if rpm ~= '0' or rpd ~= '0' or tpm ~= '0' then
+    local h = redis.call('HMGET', KEYS[2 * i - 1], 'm', 'ml', 'd', 'dl', 't', 'tl', 'e', 'c')
+    local b = 5 * i - 5
+    local horizon = 0
+    st[b + 4] = h[1] or h[3] or h[5]
+    if rpm ~= '0' then
+      local limit = rpm + 0
+      local tat = (h[1] or 0) + 0
+      if tat > now and h[2] and h[2] ~= rpm then
+        local old = h[2] + 0
+        if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
+      end
+      if tat < now then tat = now end
+      tat = tat + ceil(1 * MIN / limit)
+      horizon = tat - now
+      if horizon > MIN then return {3, i, 1, limit, horizon - MIN} end
+      st[b + 1] = tat
+      local rem = floor((MIN - horizon) * limit / MIN)
+      if rr < 0 or rem < rr then rl, rr, rs = limit, rem, horizon end
     end
-  end
-  if maxc > 0 then
-    redis.call('ZADD', KEYS[2 * i], fmt(now_ms + lease_ms), member)
-    redis.call('PEXPIRE', KEYS[2 * i], lease_ms + 1000)
+    if rpd ~= '0' then
+      local limit = rpd + 0
+      local tat = (h[3] or 0) + 0
+      if tat > now and h[4] and h[4] ~= rpd then
+        local old = h[4] + 0
+        if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
+      end
+      if tat < now then tat = now end
+      tat = tat + ceil(1 * DAY / limit)
+      local ahead = tat - now
+      if ahead > DAY then return {3, i, 2, limit, ahead - DAY} end
+      st[b + 2] = tat
+      if ahead > horizon then horizon = ahead end
+    end
+    if tpm ~= '0' then
+      local limit = tpm + 0
+      if tokens > limit then return {5, i, limit} end
+      local tat = (h[5] or 0) + 0
+      if tat > now and h[6] and h[6] ~= tpm then
+        local old = h[6] + 0
+        if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
+      end
+      if tat < now then tat = now end
+      tat = tat + ceil(tokens * MIN / limit)
+      local ahead = tat - now
+      if ahead > MIN then return {4, i, limit, ahead - MIN} end
+      st[b + 3] = tat
+      if ahead > horizon then horizon = ahead end
+      local rem = floor((MIN - ahead) * limit / MIN)
+      if tr < 0 or rem < tr then tl, tr, ts = limit, rem, ahead end
+    end
+    st[b + 5] = horizon
+    hs[i] = h
   end
 end
 
-local month_used = redis.call('INCRBY', month_key, fmt(quota_reserved))
-redis.call('PEXPIREAT', month_key, fmt(month_gone))
-redis.call('SET', record, fmt(quota_reserved), 'PX', lease_ms)
-return {0, fmt(quota_reserved), month_used, rl, rr, fmt(rs), tl, tr, fmt(ts)}
+-- The record, unless one is there: a cancellation ran first (or this ran already). Made
+-- after the checks, so that a refusal writes nothing (and answers before {6} would).
+local record = KEYS[2 * n + 2]
+local reserved_s = quota_reserved == tokens and ARGV[4] or fmt('%d', quota_reserved)
+if not redis.call('SET', record, reserved_s, 'PX', ARGV[3], 'NX') then return {6} end
+
+local lease_ms = ARGV[3] + 0
+local lease_at, lease_until
+local lease_due = now_ms + lease_ms + 1000
+local f = {false, false, false, false, false, false, false, false, false, false, false, false,
+  false, false, false, false}
+for i = 1, n do
+  local bucket, leases = KEYS[2 * i - 1], KEYS[2 * i]
+  local c = held[i]
+  if c then
+    lease_at = lease_at or fmt('%d', now_ms + lease_ms)
+    redis.call('ZADD', leases, lease_at, ARGV[2])
+  end
+  local h = hs[i]
+  if h then
+    -- A limit is written only when it is not the one the hash holds.
+    local b, k = 5 * i - 5, 0
+    local rpm, rpd, tpm = ARGV[4 + 4 * i], ARGV[5 + 4 * i], ARGV[6 + 4 * i]
+    if rpm ~= '0' then
+      f[1] = 'm'; f[2] = fmt('%d', st[b + 1]); k = 2
+      if h[2] ~= rpm then f[3] = 'ml'; f[4] = rpm; k = 4 end
+    end
+    if rpd ~= '0' then
+      f[k + 1] = 'd'; f[k + 2] = fmt('%d', st[b + 2]); k = k + 2
+      if h[4] ~= rpd then f[k + 1] = 'dl'; f[k + 2] = rpd; k = k + 2 end
+    end
+    if tpm ~= '0' then
+      f[k + 1] = 't'; f[k + 2] = fmt('%d', st[b + 3]); k = k + 2
+      if h[6] ~= tpm then f[k + 1] = 'tl'; f[k + 2] = tpm; k = k + 2 end
+    end
+    -- The hash lives at least a second past its last arrival time.
+    local due = now_ms + ceil(st[b + 5] / 1000) + 1000
+    local until_
+    if (h[7] or 0) + 0 < due then
+      until_ = fmt('%d', due + 1000)
+      f[k + 1] = 'e'; f[k + 2] = until_; k = k + 2
+    end
+    -- The lease set, at least a second past its last lease.
+    local renew_leases = c and (c == 0 or (h[8] or 0) + 0 < lease_due)
+    if renew_leases then
+      lease_until = lease_until or fmt('%d', lease_due + 1000)
+      f[k + 1] = 'c'; f[k + 2] = lease_until; k = k + 2
+    end
+    redis.call('HSET', bucket, unpack(f, 1, k))
+    if until_ then
+      if st[b + 4] then
+        redis.call('PEXPIREAT', bucket, until_, 'GT')
+      else
+        redis.call('PEXPIREAT', bucket, until_)
+      end
+    end
+    if renew_leases then
+      if c > 0 then
+        redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
+        redis.call('PEXPIREAT', leases, lease_until, 'GT')
+      else
+        redis.call('PEXPIREAT', leases, lease_until)
+      end
+    end
+  elseif c then
+    -- No hash to note the set's expiry in: renewed (and swept) every time.
+    if c > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms) end
+    redis.call('PEXPIRE', leases, fmt('%d', lease_ms + 1000))
+  end
+end
+
+local month_used = redis.call('INCRBY', month_key, reserved_s)
+-- It was 0 or none: a counter just made gets its expiry (one that was there has it).
+if month_used == quota_reserved then redis.call('PEXPIREAT', month_key, ARGV[7]) end
+return {0, quota_reserved, month_used, rl, rr, rs, tl, tr, ts}
 "#;
 
 /// Settles a request: frees its concurrency leases, gives back (or charges) the tokens it
@@ -158,70 +229,83 @@ return {0, fmt(quota_reserved), month_used, rl, rr, fmt(rs), tl, tr, fmt(ts)}
 /// then per level: tokens/minute, max concurrent (0: none).
 /// Returns the month's counter, -1 when there was nothing (left) to do, -2 as above.
 pub const SETTLE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[1])
-local member = ARGV[2]
-local reserved = tonumber(ARGV[3])
-local used = tonumber(ARGV[4])
-local delta = tonumber(ARGV[5])
-local month_gone = tonumber(ARGV[6])
-local mode = ARGV[7]
-local record_ms = tonumber(ARGV[8])
-local missing_is_unsettled = ARGV[9] == '1'
+local n = ARGV[1] + 0
 local record = KEYS[2 * n + 2]
 local held = redis.call('GET', record)
 -- Cancelled (or cancelled before it ran), or settled already.
 if held == 'x' or held == 's' then return -1 end
+local mode = ARGV[7]
 if not held then
   if mode == 'cancel' then
     -- Never admitted (yet): a late admission finds this tombstone and does nothing.
-    redis.call('SET', record, 'x', 'PX', record_ms)
+    redis.call('SET', record, 'x', 'PX', ARGV[8])
     return -1
   end
-  if not missing_is_unsettled then return -2 end
+  if ARGV[9] ~= '1' then return -2 end
 end
+local fmt, floor, ceil = string.format, math.floor, math.ceil
+local reserved, used, delta, delta_s = ARGV[3] + 0, ARGV[4] + 0, ARGV[5] + 0, ARGV[5]
 if mode == 'cancel' then
   used = 0
-  delta = -tonumber(held)
+  delta = -held
+  delta_s = fmt('%d', delta)
 end
-redis.call('SET', record, 's', 'PX', record_ms)
+redis.call('SET', record, 's', 'PX', ARGV[8])
 local MIN = 60000000
-local function fmt(x) return string.format('%d', x) end
-local function weight(cost, limit) return math.ceil(cost * MIN / limit) end
+local now, now_ms
 for i = 1, n do
-  local tpm = tonumber(ARGV[9 + (i - 1) * 2 + 1])
-  local maxc = tonumber(ARGV[9 + (i - 1) * 2 + 2])
-  if maxc > 0 then redis.call('ZREM', KEYS[2 * i], member) end
-  if tpm > 0 and used ~= reserved then
-    local h = redis.call('HMGET', KEYS[2 * i - 1], 't', 'tl')
-    local tat, old = tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0
-    if old ~= 0 and old ~= tpm and tat > now then
-      tat = now + math.floor((tat - now) * old / tpm)
+  -- Freed by expiring it now (XX: a lease swept already stays gone), so that its set lives on
+  -- for the next lease instead of being made anew; ADMIT sweeps it with the expired ones.
+  if ARGV[9 + 2 * i] ~= '0' then redis.call('ZADD', KEYS[2 * i], 'XX', '0', ARGV[2]) end
+  local tpm = ARGV[8 + 2 * i]
+  if tpm ~= '0' and used ~= reserved then
+    local bucket = KEYS[2 * i - 1]
+    local h = redis.call('HMGET', bucket, 't', 'tl', 'e')
+    if not now then
+      local t = redis.call('TIME')
+      now = t[1] * 1000000 + t[2]
+      now_ms = floor(now / 1000)
     end
-    if used < reserved then
-      if tat > now then tat = math.max(tat - weight(reserved - used, tpm), now) end
-    else
-      tat = math.max(tat, now) + weight(used - reserved, tpm)
-    end
-    redis.call('HSET', KEYS[2 * i - 1], 't', fmt(tat), 'tl', tpm)
-    local ttl = math.ceil((tat - now) / 1000) + 1000
-    if redis.call('PTTL', KEYS[2 * i - 1]) < ttl then
-      redis.call('PEXPIRE', KEYS[2 * i - 1], ttl)
+    local tat = (h[1] or 0) + 0
+    -- Tokens given back to a bucket that is full (its time passed, or none) change nothing.
+    if used > reserved or tat > now then
+      local limit = tpm + 0
+      if tat > now and h[2] and h[2] ~= tpm then
+        local old = h[2] + 0
+        if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
+      end
+      if used < reserved then
+        tat = math.max(tat - ceil((reserved - used) * MIN / limit), now)
+      else
+        tat = math.max(tat, now) + ceil((used - reserved) * MIN / limit)
+      end
+      -- As in ADMIT: renewed when e falls short of a second past the arrival time.
+      local due = now_ms + ceil((tat - now) / 1000) + 1000
+      if (h[3] or 0) + 0 < due then
+        local until_ = fmt('%d', due + 1000)
+        redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm, 'e', until_)
+        -- NX for a hash just made, GT for one that was there.
+        if redis.call('PEXPIREAT', bucket, until_, 'NX') == 0 then
+          redis.call('PEXPIREAT', bucket, until_, 'GT')
+        end
+      else
+        redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm)
+      end
     end
   end
 end
 local month_key = KEYS[2 * n + 1]
-local month_used = tonumber(redis.call('GET', month_key) or '0')
-if delta ~= 0 then
-  month_used = redis.call('INCRBY', month_key, fmt(delta))
+if delta == 0 then return (redis.call('GET', month_key) or 0) + 0 end
+local month_used = redis.call('INCRBY', month_key, delta_s)
+if month_used < 0 then
   -- Below zero only when the counter was lost (a Redis restarted empty) with requests in
   -- flight: what they gave back was never in it.
-  if month_used < 0 then
-    redis.call('SET', month_key, '0')
-    month_used = 0
-  end
-  redis.call('PEXPIREAT', month_key, fmt(month_gone))
+  redis.call('SET', month_key, '0')
+  redis.call('PEXPIREAT', month_key, ARGV[6])
+  month_used = 0
+elseif month_used == delta then
+  -- It was 0 or none: a counter just made gets its expiry (one that was there has it).
+  redis.call('PEXPIREAT', month_key, ARGV[6])
 end
 return month_used
 "#;
