@@ -94,6 +94,18 @@ impl Testbed {
 
     /// A chat request from `src` with `key`; the status, or how the connection failed.
     fn post(&self, src: IpAddr, key: &str, timeout: Duration) -> Result<u16, Reach> {
+        self.post_with(src, key, "", timeout)
+            .map(|(status, _)| status)
+    }
+
+    /// [`Testbed::post`] with extra header lines (each ending in `\r\n`); the whole answer.
+    fn post_with(
+        &self,
+        src: IpAddr,
+        key: &str,
+        headers: &str,
+        timeout: Duration,
+    ) -> Result<(u16, String), Reach> {
         let dst = self.gateway(if src.to_string().starts_with("10.245.") {
             245
         } else {
@@ -103,10 +115,10 @@ impl Testbed {
             r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#;
         let request = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+             content-type: application/json\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
             body.len()
         );
-        http_from(&self.client, src, dst, &request, timeout).map(|(status, _)| status)
+        http_from(&self.client, src, dst, &request, timeout)
     }
 
     fn add_key(&self, tenant: &str) -> String {
@@ -300,4 +312,81 @@ fn a_normal_traffic_mix_bans_nobody() {
         "{}",
         bed.daemon.log()
     );
+}
+
+/// The value of header `name` in a raw HTTP answer.
+fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+    answer.split("\r\n\r\n").next()?.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[test]
+fn a_challenged_range_passes_with_a_proof_and_a_key_used_from_two_ranges_is_suspended() {
+    let bed = Testbed::new(
+        "[detect.error_storm]\nshadow = false\nmin_requests = 10\nratio = 0.5\n\
+         action = \"challenge\"\n[detect.challenge]\ndifficulty = 12\n\
+         [detect.key_sharing]\nshadow = false\nthreshold = 1\nsuspend_for = \"1h\"\n",
+    );
+    let key = bed.add_key("acme");
+    let scanner = |i| botnet_ip(bed.x, i);
+    // A scanner's errors from ten addresses of one /24: the range must prove its work.
+    for i in 0..10 {
+        assert_eq!(bed.post(scanner(i), &guess(i.into()), WAIT), Ok(401));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, answer) = loop {
+        let got = bed
+            .post_with(scanner(20), &key, "", WAIT)
+            .expect("an answer");
+        if got.0 == 428 || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 428, "{answer}");
+    assert!(answer.contains("challenge_required"), "{answer}");
+    let token = header(&answer, "x-aiguard-challenge")
+        .expect("a token")
+        .to_owned();
+    let bits: u8 = header(&answer, "x-aiguard-challenge-difficulty")
+        .expect("a difficulty")
+        .parse()
+        .expect("bits");
+    let proof = format!(
+        "x-aiguard-proof: {token}:{}\r\n",
+        aiguard_daemon::detect::challenge::solve(&token, bits)
+    );
+    let (status, answer) = bed
+        .post_with(scanner(20), &key, &proof, WAIT)
+        .expect("an answer");
+    assert_eq!(status, 200, "{answer}");
+    // The same proof passes once; the other range never sees a challenge.
+    let (status, _) = bed
+        .post_with(scanner(21), &key, &proof, WAIT)
+        .expect("an answer");
+    assert_eq!(status, 428);
+
+    // The key, used from the challenged range and now from the other one: suspended.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, answer) = loop {
+        let got = bed
+            .post_with(other_ip(bed.x, 0), &key, "", WAIT)
+            .expect("an answer");
+        if got.0 == 403 || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("key_suspended"), "{answer}");
+    let listed = bed.daemon.cli_ok(&["keys", "list"]);
+    assert!(listed.contains("suspended until"), "{listed}");
+    let id = bed.daemon.cli_json(&["keys", "list", "--json"])[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    bed.daemon.cli_ok(&["keys", "resume", &id]);
+    assert_eq!(bed.post(other_ip(bed.x, 0), &key, WAIT), Ok(200));
 }

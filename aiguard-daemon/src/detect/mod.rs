@@ -110,7 +110,11 @@ impl Detection {
 /// Each configured prompt rule's match counter, from zero.
 fn add_rule_series(metrics: &DetectMetrics, settings: &DetectSettings) {
     metrics.add_prompt_rules(settings.prompt_rules.iter().map(|r| {
-        let action = if r.shadow { "shadow" } else { r.action.as_str() };
+        let action = if r.shadow {
+            "shadow"
+        } else {
+            r.action.as_str()
+        };
         (r.name.as_str(), action)
     }));
 }
