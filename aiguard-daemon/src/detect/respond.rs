@@ -196,17 +196,30 @@ impl Responder {
         if self.allowlisted(range, esc) {
             return Err("the range overlaps the allowlist, which always wins".into());
         }
-        let (count, ttl) = self
-            .next_offense(range, f.at_ms, esc)
-            .map_err(|e| format!("recording the offense: {e}"))?;
-        let reason = format!("{} (offense {count}): {}", f.detector.as_str(), f.evidence);
         let Some(enforcer) = self.enforcer.get() else {
             return Err("no NIC attached to this gateway: ban not applied".into());
         };
+        // The count is read, the ban made, and only then the offense committed: a commit
+        // (an fsync) before the ban would let the attack run on meanwhile.
+        let offense = self
+            .offense_after(range, f.at_ms, esc)
+            .map_err(|e| format!("reading past offenses: {e}"))?;
+        let i = (offense.count as usize - 1).min(esc.ban_ttls.len() - 1);
+        let ttl = esc.ban_ttls[i];
+        let reason = format!(
+            "{} (offense {}): {}",
+            f.detector.as_str(),
+            offense.count,
+            f.evidence
+        );
         enforcer.ban(range, ttl, &reason)?;
+        if let Err(e) = self.record_offense(range, offense) {
+            error!(%range, error = %e, "recording the offense failed: the next ban of this range may be shorter");
+        }
         Ok(format!(
-            "banned at the NIC for {} (offense {count})",
-            humantime::format_duration(ttl)
+            "banned at the NIC for {} (offense {})",
+            humantime::format_duration(ttl),
+            offense.count
         ))
     }
 
@@ -222,35 +235,46 @@ impl Responder {
         ))
     }
 
-    /// Counts an offense of `range` and returns its number and the ban TTL it earns: offenses
-    /// older than `offense_memory` are forgotten.
-    fn next_offense(
+    /// The offense `range` commits now: one more than its past ones, or the first when those are
+    /// older than `offense_memory`.
+    fn offense_after(
         &self,
         range: IpNetwork,
         now_ms: u64,
         esc: &Escalation,
-    ) -> Result<(u32, Duration), crate::store::StoreError> {
+    ) -> Result<Offense, crate::store::StoreError> {
         let key = range.to_string();
         let memory = esc.offense_memory.as_millis() as u64;
-        let mut offense = Offense::default();
-        self.store.write(|txn| {
-            let mut t = txn.open_table(OFFENSES)?;
-            let prior = t
+        let mut prior = None;
+        self.store.read(|txn| {
+            let t = txn.open_table(OFFENSES)?;
+            prior = t
                 .get(key.as_str())?
                 .and_then(|v| serde_json::from_slice::<Offense>(v.value()).ok());
-            if let Some(p) = prior
-                && now_ms.saturating_sub(p.last_ms) < memory
-            {
-                offense.count = p.count;
-            }
-            offense.count = offense.count.saturating_add(1);
-            offense.last_ms = now_ms;
-            let value = serde_json::to_vec(&offense).expect("an offense serializes");
-            t.insert(key.as_str(), value.as_slice())?;
             Ok(())
         })?;
-        let i = (offense.count as usize - 1).min(esc.ban_ttls.len() - 1);
-        Ok((offense.count, esc.ban_ttls[i]))
+        let count = match prior {
+            Some(p) if now_ms.saturating_sub(p.last_ms) < memory => p.count,
+            _ => 0,
+        };
+        Ok(Offense {
+            count: count.saturating_add(1),
+            last_ms: now_ms,
+        })
+    }
+
+    fn record_offense(
+        &self,
+        range: IpNetwork,
+        offense: Offense,
+    ) -> Result<(), crate::store::StoreError> {
+        let key = range.to_string();
+        let value = serde_json::to_vec(&offense).expect("an offense serializes");
+        self.store.write(|txn| {
+            txn.open_table(OFFENSES)?
+                .insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
     }
 
     /// Forgets offenses older than `offense_memory` (run with the ban sweep).
