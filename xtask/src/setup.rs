@@ -313,7 +313,7 @@ fn dpkg_installed(package: &str) -> Result<bool> {
 
 /// The daemon pins its maps under /sys/fs/bpf so a restarted daemon adopts them; the kernel does
 /// not mount bpffs at boot here.
-fn ensure_bpffs() -> Result<()> {
+pub(crate) fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     let mounted = mounts.lines().any(|line| {
         let mut fields = line.split_whitespace().skip(1);

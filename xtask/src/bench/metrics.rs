@@ -45,7 +45,7 @@ use super::{
     median,
     netns::{self, RX_ADDR, RX_IF, VethPair},
     object::{self, PinDir},
-    unique_name,
+    percentile, unique_name,
 };
 use crate::{setup, stdout_of, workspace_root};
 
@@ -408,17 +408,6 @@ fn sleep_until(at: Instant) {
     }
 }
 
-/// The nearest-rank percentile of `values` (100 = the largest); NaN when empty.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// `count` distinct /24s from 20.0.0.0 up: clear of the veth's 10.77.0.0/16.
 fn ban_lines(count: usize) -> String {
     let mut out = String::with_capacity(count * 16);
@@ -449,7 +438,10 @@ listen = \"{METRICS_LISTEN}\"
 }
 
 /// Runs `f` on a thread that joined the namespace behind `handle`.
-fn in_netns<T: Send>(handle: &fs::File, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub(super) fn in_netns<T: Send>(
+    handle: &fs::File,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
     thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -642,10 +634,10 @@ fn serve_upstream_connection(stream: TcpStream, stop: &AtomicBool) -> io::Result
 }
 
 /// `target/bench/agbench-PID-N`: the daemon's config, state, socket and log; removed on drop.
-struct WorkDir(PathBuf);
+pub(super) struct WorkDir(pub(super) PathBuf);
 
 impl WorkDir {
-    fn create(bench_dir: &Path) -> Result<Self> {
+    pub(super) fn create(bench_dir: &Path) -> Result<Self> {
         let path = bench_dir.join(unique_name());
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self(path))
@@ -661,14 +653,14 @@ impl Drop for WorkDir {
 }
 
 /// The daemon in the receiver namespace; stopped by PID on drop.
-struct Daemon {
+pub(super) struct Daemon {
     child: Child,
-    socket: PathBuf,
+    pub(super) socket: PathBuf,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(
+    pub(super) fn start(
         binary: &Path,
         rx: &fs::File,
         work: &Path,
@@ -725,7 +717,7 @@ impl Daemon {
         self.child.id()
     }
 
-    fn ensure_running(&mut self) -> Result<()> {
+    pub(super) fn ensure_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "the daemon exited ({status}); its log ends:\n{}",
@@ -735,7 +727,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn stop(mut self) -> Result<()> {
+    pub(super) fn stop(mut self) -> Result<()> {
         let status = self.terminate()?;
         ensure!(
             status.success(),
@@ -928,16 +920,6 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v, 100.0), 100.0);
-        assert_eq!(percentile(&[3.0], 99.0), 3.0);
-        assert!(percentile(&[], 50.0).is_nan());
-    }
 
     #[test]
     fn bans_are_distinct_and_clear_of_the_veth() {

@@ -23,10 +23,15 @@
 //! holding 100k bans and 10k tenants: time, size, daemon CPU, and its effect on gateway and
 //! admin latency (`target/bench/metrics.json`).
 //!
-//! The XDP benchmark's traffic stays inside network namespaces it creates (and deletes, see
-//! [`netns`]), the gateway benchmark's on loopback; every loop is bounded in count and time.
+//! `cargo xtask bench detect` ([`detect`]) measures how long a credential-stuffing botnet is
+//! served before the detector's ban drops its packets at the NIC (`target/bench/detect.json`).
+//!
+//! The XDP, metrics and detect benchmarks' traffic stays inside network namespaces they create
+//! (and delete, see [`netns`]), the gateway benchmark's on loopback; every loop is bounded in
+//! count and time.
 
 mod cpu;
+mod detect;
 mod gateway;
 mod load;
 mod metrics;
@@ -70,6 +75,9 @@ pub enum BenchTarget {
     /// One `/metrics` scrape with 100k bans and 10k tenants: wall time, size, daemon CPU, and
     /// what it does to gateway and admin latency. Needs root.
     Metrics(metrics::MetricsBenchArgs),
+    /// Detection to enforcement: the time from a credential-stuffing botnet's first request
+    /// to the first of its packets dropped at the NIC. Needs root.
+    Detect(detect::DetectBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -125,6 +133,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchTarget::Gateway(args) => gateway::run(args),
         BenchTarget::Redis(args) => redis::run(args),
         BenchTarget::Metrics(args) => metrics::run(args),
+        BenchTarget::Detect(args) => detect::run(args),
     }
 }
 
@@ -310,6 +319,17 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The nearest-rank percentile of `values` (100 = the largest); NaN when empty.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +339,20 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 90.0), 90.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        // Nearest rank of ten: the ninth value.
+        let ten: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        assert_eq!(percentile(&ten, 90.0), 9.0);
+        assert!(percentile(&[], 50.0).is_nan());
     }
 
     #[test]

@@ -105,8 +105,8 @@ pub fn enter(handle: &File) -> Result<()> {
 }
 
 /// A sender namespace and a receiver namespace joined by a veth pair: [`TX_IF`] in `tx`,
-/// [`RX_IF`] in `rx`, both up and addressed in 10.77.0.0/16. Dropping it deletes both
-/// namespaces, and with them the pair and whatever was hooked to it.
+/// [`RX_IF`] in `rx`, both up and addressed (by [`VethPair::create`], in 10.77.0.0/16).
+/// Dropping it deletes both namespaces, and with them the pair and whatever was hooked to it.
 pub struct VethPair {
     pub tx: Netns,
     pub rx: Netns,
@@ -114,6 +114,13 @@ pub struct VethPair {
 
 impl VethPair {
     pub fn create() -> Result<Self> {
+        let tx_addr = format!("{}/{SUBNET_LEN}", dotted(BANNED_SOURCE));
+        let rx_addr = format!("{}/{SUBNET_LEN}", dotted(RX_ADDR));
+        Self::with_addresses(&[tx_addr], &[rx_addr])
+    }
+
+    /// The same pair with other addresses (CIDR, e.g. "10.247.1.1/24") on each end.
+    pub fn with_addresses(tx_addrs: &[String], rx_addrs: &[String]) -> Result<Self> {
         let pair = Self {
             tx: Netns::create()?,
             rx: Netns::create()?,
@@ -135,17 +142,20 @@ impl VethPair {
             "netns",
             pair.rx.name(),
         ])?;
-        let tx_addr = format!("{}/{SUBNET_LEN}", dotted(BANNED_SOURCE));
-        let rx_addr = format!("{}/{SUBNET_LEN}", dotted(RX_ADDR));
-        pair.tx.ip(&["addr", "add", &tx_addr, "dev", TX_IF])?;
-        pair.rx.ip(&["addr", "add", &rx_addr, "dev", RX_IF])?;
+        for addr in tx_addrs {
+            pair.tx.ip(&["addr", "add", addr, "dev", TX_IF])?;
+        }
+        for addr in rx_addrs {
+            pair.rx.ip(&["addr", "add", addr, "dev", RX_IF])?;
+        }
         pair.tx.ip(&["link", "set", TX_IF, "up"])?;
         pair.rx.ip(&["link", "set", RX_IF, "up"])?;
         Ok(pair)
     }
 }
 
-fn mac(bytes: [u8; 6]) -> String {
+/// `02:00:0a:...`, as `ip` takes it.
+pub fn mac(bytes: [u8; 6]) -> String {
     bytes.map(|b| format!("{b:02x}")).join(":")
 }
 
