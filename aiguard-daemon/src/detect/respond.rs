@@ -9,7 +9,7 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-use redb::{ReadableTable as _, TableDefinition};
+use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
