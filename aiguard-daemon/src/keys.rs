@@ -207,20 +207,13 @@ impl KeyRing {
 
     /// Revokes a key: from now on it gets 401. The record stays for usage reports.
     pub fn revoke(&self, id: &str, now_ms: u64) -> Result<KeyRecord, KeyError> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut records = self.list();
-        let r = records
-            .iter_mut()
-            .find(|r| r.id == id)
-            .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
-        if r.revoked_ms.is_some() {
-            return Err(KeyError::AlreadyRevoked(id.to_owned()));
-        }
-        r.revoked_ms = Some(now_ms);
-        let revoked = r.clone();
-        self.put(&revoked)?;
-        self.rebuild(records);
-        Ok(revoked)
+        self.change(id, |r| {
+            if r.revoked_ms.is_some() {
+                return Err(KeyError::AlreadyRevoked(r.id.clone()));
+            }
+            r.revoked_ms = Some(now_ms);
+            Ok(())
+        })
     }
 
     /// Suspends a key until `until_ms`: it gets 403 until then (or until resumed). A longer

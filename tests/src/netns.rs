@@ -245,28 +245,38 @@ pub enum Reach {
 /// Connects from `src` (an address of the namespace, so the test picks the source range) to
 /// `dst` inside `ns`, waiting at most `timeout` for the handshake.
 pub fn connect_from(ns: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Reach {
-    ns.run(|| {
-        let family = match dst {
-            SocketAddr::V4(_) => AddressFamily::Inet,
-            SocketAddr::V6(_) => AddressFamily::Inet6,
-        };
-        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-            .expect("creating a TCP socket");
-        bind(
-            fd.as_raw_fd(),
-            &SockaddrStorage::from(SocketAddr::new(src, 0)),
-        )
-        .unwrap_or_else(|e| panic!("binding the source address {src}: {e}"));
-        // Linux bounds a blocking connect by the send timeout (EINPROGRESS when it runs out).
-        let ms = i64::try_from(timeout.as_millis()).expect("a sane timeout");
-        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::milliseconds(ms))
-            .expect("setting SO_SNDTIMEO");
-        match connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
-            Ok(()) => Reach::Connected,
-            Err(Errno::EINPROGRESS | Errno::EAGAIN | Errno::ETIMEDOUT) => Reach::TimedOut,
-            Err(e) => Reach::Failed(e),
-        }
+    ns.run(|| match connect_bound(src, dst, timeout) {
+        Ok(_) => Reach::Connected,
+        Err(reach) => reach,
     })
+}
+
+/// A TCP connection from `src` to `dst` in the calling thread's namespace, the handshake
+/// bounded by `timeout`.
+fn connect_bound(
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<std::os::fd::OwnedFd, Reach> {
+    let family = match dst {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .expect("creating a TCP socket");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(src, 0)),
+    )
+    .unwrap_or_else(|e| panic!("binding the source address {src}: {e}"));
+    // Linux bounds a blocking connect by the send timeout (EINPROGRESS when it runs out).
+    let ms = i64::try_from(timeout.as_millis()).expect("a sane timeout");
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::milliseconds(ms)).expect("setting SO_SNDTIMEO");
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
+        Ok(()) => Ok(fd),
+        Err(Errno::EINPROGRESS | Errno::EAGAIN | Errno::ETIMEDOUT) => Err(Reach::TimedOut),
+        Err(e) => Err(Reach::Failed(e)),
+    }
 }
 
 /// Sends `request` (a whole HTTP/1.1 request with `connection: close`) from `src` in `ns` to
@@ -280,27 +290,7 @@ pub fn http_from(
 ) -> Result<(u16, String), Reach> {
     use std::io::{Read as _, Write as _};
     ns.run(|| {
-        let family = match dst {
-            SocketAddr::V4(_) => AddressFamily::Inet,
-            SocketAddr::V6(_) => AddressFamily::Inet6,
-        };
-        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-            .expect("creating a TCP socket");
-        bind(
-            fd.as_raw_fd(),
-            &SockaddrStorage::from(SocketAddr::new(src, 0)),
-        )
-        .unwrap_or_else(|e| panic!("binding the source address {src}: {e}"));
-        let ms = i64::try_from(timeout.as_millis()).expect("a sane timeout");
-        setsockopt(&fd, sockopt::SendTimeout, &TimeVal::milliseconds(ms))
-            .expect("setting SO_SNDTIMEO");
-        match connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
-            Ok(()) => {}
-            Err(Errno::EINPROGRESS | Errno::EAGAIN | Errno::ETIMEDOUT) => {
-                return Err(Reach::TimedOut);
-            }
-            Err(e) => return Err(Reach::Failed(e)),
-        }
+        let fd = connect_bound(src, dst, timeout)?;
         let mut stream = std::net::TcpStream::from(fd);
         stream
             .set_read_timeout(Some(timeout))
