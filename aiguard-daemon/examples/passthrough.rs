@@ -5,26 +5,26 @@
 //! passthrough --listen 127.0.0.1:8080 --upstream 127.0.0.1:8000
 //! ```
 //!
-//! Built as the daemon is (hyper 1 HTTP/1 server, hyper-util's pooled client with the same
-//! settings, the multi-thread runtime, mimalloc), it reads each request's body whole (the
-//! gateway needs it to count tokens), forwards it, and streams the answer back. No identity,
-//! no limits, no tokenizer, no accounting, no header rewriting: whatever aiguard costs beyond
-//! this is aiguard's own work.
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+//! Built as the daemon is (the gateway's own HTTP/1.1 server and pooled upstream connections,
+//! the multi-thread runtime, mimalloc), it reads each request's body whole (the gateway needs
+//! it to count tokens), forwards it, and relays the answer. No identity, no limits, no
+//! tokenizer, no accounting, no header rewriting beyond the connection's own fields: whatever
+//! aiguard costs beyond this is aiguard's own work.
+use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+use aiguard_daemon::gateway::http1::{
+    head::write,
+    server::{Incoming, Relay, Reply, Service, Timeouts, Untouched, serve_connection},
+    upstream::{Pool, PoolSettings, Upstream},
 };
+use bytes::Bytes;
 use tokio::net::TcpListener;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+const MAX_BODY: u64 = 4 << 20;
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn args() -> (SocketAddr, SocketAddr) {
     let (mut listen, mut upstream) = (None, None);
@@ -47,32 +47,53 @@ fn args() -> (SocketAddr, SocketAddr) {
     )
 }
 
-fn error(status: StatusCode) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
-    *response.status_mut() = status;
-    response
+fn error(status: http::StatusCode) -> Reply {
+    let mut r = http::Response::new(Bytes::new());
+    *r.status_mut() = status;
+    Reply::Answer(r)
 }
 
-async fn forward(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    upstream: SocketAddr,
-    request: Request<Incoming>,
-) -> Response<Body> {
-    let (mut parts, body) = request.into_parts();
-    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-        return error(StatusCode::BAD_REQUEST);
-    };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = format!("http://{upstream}{path}").parse() else {
-        return error(StatusCode::BAD_REQUEST);
-    };
-    parts.uri = uri;
-    match client
-        .request(Request::from_parts(parts, Full::new(body)))
-        .await
-    {
-        Ok(response) => response.map(BodyExt::boxed),
-        Err(_) => error(StatusCode::BAD_GATEWAY),
+struct Passthrough {
+    pool: Pool,
+    upstream: Upstream,
+}
+
+impl Service for Passthrough {
+    async fn call(&self, req: &mut Incoming<'_>) -> Reply {
+        let Ok(body) = req.read_body(MAX_BODY, TIMEOUT).await else {
+            return error(http::StatusCode::BAD_REQUEST);
+        };
+        let mut head = Vec::with_capacity(256);
+        head.extend_from_slice(req.head.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(req.head.path_and_query().as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        write::header(&mut head, b"host", self.upstream.authority.as_bytes());
+        for (name, value) in req.head.headers.iter() {
+            if !matches!(
+                name,
+                b"host" | b"connection" | b"keep-alive" | b"transfer-encoding" | b"content-length"
+            ) {
+                write::header(&mut head, name, value);
+            }
+        }
+        write::header_u64(&mut head, b"content-length", body.len() as u64);
+        head.extend_from_slice(b"\r\n");
+        match self
+            .pool
+            .send(&self.upstream, &head, &body, req.head.is_head())
+            .await
+        {
+            Ok(r) => Reply::Relay(Relay {
+                status: r.head.status,
+                headers: r.head.headers,
+                body: r.body,
+                extra: Vec::new(),
+                replaced: |_| false,
+                filter: Box::new(Untouched),
+            }),
+            Err(_) => error(http::StatusCode::BAD_GATEWAY),
+        }
     }
 }
 
@@ -80,18 +101,25 @@ fn main() {
     let (listen, upstream) = args();
     let runtime = tokio::runtime::Runtime::new().expect("starting the async runtime");
     runtime.block_on(async move {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let service: &'static Passthrough = Box::leak(Box::new(Passthrough {
+            pool: Pool::new(PoolSettings {
+                connect_timeout: TIMEOUT,
+                idle_timeout: Duration::from_secs(90),
+                max_idle: 1024,
+            }),
+            upstream: Upstream::from_uri(
+                &format!("http://{upstream}").parse().expect("upstream URL"),
+            )
+            .expect("upstream"),
+        }));
         let listener = TcpListener::bind(listen)
             .await
             .unwrap_or_else(|e| panic!("binding {listen}: {e}"));
+        let (_never, shutdown) = tokio::sync::watch::channel(false);
+        let timeouts = Timeouts {
+            header_read: TIMEOUT,
+            idle: Duration::from_secs(60),
+        };
         // The bench stops it with SIGTERM and expects a clean exit.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing the SIGTERM handler");
@@ -100,24 +128,13 @@ fn main() {
                 accepted = listener.accept() => accepted,
                 _ = term.recv() => return,
             };
-            let Ok((stream, _)) = accepted else {
+            let Ok((stream, peer)) = accepted else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let client = client.clone();
+            let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let client = client.clone();
-                    async move { Ok::<_, Infallible>(forward(&client, upstream, request).await) }
-                });
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .keep_alive(true);
-                let _ = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                serve_connection(service, stream, peer, peer.ip(), timeouts, shutdown).await;
             });
         }
     });

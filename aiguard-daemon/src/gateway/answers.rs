@@ -4,18 +4,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 
 use crate::limits::{Denial, RateHeaders, RateState};
-
-/// The body type of every response the gateway sends.
-pub type Body = BoxBody<Bytes, hyper::Error>;
-
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
 
 /// The `{"error": {...}}` body OpenAI's API answers errors with.
 pub fn error_body(message: &str, kind: &str, code: Option<&str>) -> Bytes {
@@ -27,8 +17,8 @@ pub fn error_body(message: &str, kind: &str, code: Option<&str>) -> Bytes {
 }
 
 /// An error answer.
-pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response<Body> {
-    let mut r = Response::new(full(error_body(message, kind, code)));
+pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response<Bytes> {
+    let mut r = Response::new(error_body(message, kind, code));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -37,7 +27,7 @@ pub fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) 
     r
 }
 
-pub fn unauthorized(message: &str) -> Response<Body> {
+pub fn unauthorized(message: &str) -> Response<Bytes> {
     error(
         StatusCode::UNAUTHORIZED,
         message,
@@ -46,7 +36,7 @@ pub fn unauthorized(message: &str) -> Response<Body> {
     )
 }
 
-pub fn bad_request(message: &str) -> Response<Body> {
+pub fn bad_request(message: &str) -> Response<Bytes> {
     error(
         StatusCode::BAD_REQUEST,
         message,
@@ -84,32 +74,73 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
-fn put_state(headers: &mut HeaderMap, what: &str, s: &RateState) {
-    let names: [&'static str; 3] = if what == "requests" {
-        [
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
-        ]
-    } else {
-        [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-        ]
-    };
-    put(headers, names[0], s.limit.to_string());
-    put(headers, names[1], s.remaining.to_string());
-    put(headers, names[2], openai_duration(s.reset));
+/// Where rate-limit headers go: an answer's header map, or the bytes of a relayed head.
+pub trait HeaderSink {
+    fn put(&mut self, name: &'static str, value: &[u8]);
+}
+
+impl HeaderSink for HeaderMap {
+    fn put(&mut self, name: &'static str, value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            self.insert(name, v);
+        }
+    }
+}
+
+impl HeaderSink for Vec<u8> {
+    fn put(&mut self, name: &'static str, value: &[u8]) {
+        super::http1::head::write::header(self, name.as_bytes(), value);
+    }
+}
+
+const REQUESTS_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const TOKENS_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
+fn put_state(out: &mut impl HeaderSink, names: [&'static str; 3], s: &RateState) {
+    let mut n = itoa::Buffer::new();
+    out.put(names[0], n.format(s.limit).as_bytes());
+    out.put(names[1], n.format(s.remaining).as_bytes());
+    out.put(names[2], openai_duration(s.reset).as_bytes());
 }
 
 /// Adds the `x-ratelimit-*` headers for whichever limits are set.
-pub fn rate_headers(headers: &mut HeaderMap, h: &RateHeaders) {
+pub fn rate_headers(out: &mut impl HeaderSink, h: &RateHeaders) {
     if let Some(s) = &h.requests {
-        put_state(headers, "requests", s);
+        put_state(out, REQUESTS_HEADERS, s);
     }
     if let Some(s) = &h.tokens {
-        put_state(headers, "tokens", s);
+        put_state(out, TOKENS_HEADERS, s);
+    }
+}
+
+/// Which of an upstream's own `x-ratelimit-*` fields the gateway's replace, for
+/// [`rate_headers`] written with `h`.
+pub fn replaced_by(h: &RateHeaders) -> fn(&[u8]) -> bool {
+    fn requests(n: &[u8]) -> bool {
+        REQUESTS_HEADERS.iter().any(|r| r.as_bytes() == n)
+    }
+    fn tokens(n: &[u8]) -> bool {
+        TOKENS_HEADERS.iter().any(|r| r.as_bytes() == n)
+    }
+    fn both(n: &[u8]) -> bool {
+        requests(n) || tokens(n)
+    }
+    fn neither(_: &[u8]) -> bool {
+        false
+    }
+    match (h.requests.is_some(), h.tokens.is_some()) {
+        (true, true) => both,
+        (true, false) => requests,
+        (false, true) => tokens,
+        (false, false) => neither,
     }
 }
 
@@ -122,7 +153,7 @@ fn retry_after(headers: &mut HeaderMap, d: Duration) {
 
 /// The 429 (or 400 for a request that can never fit) for a refused request.
 /// The shared store could not decide and the tier fails closed.
-pub fn store_unavailable(retry: Duration) -> Response<Body> {
+pub fn store_unavailable(retry: Duration) -> Response<Bytes> {
     let mut r = error(
         StatusCode::SERVICE_UNAVAILABLE,
         "The rate-limit service is unavailable. Please retry shortly.",
@@ -135,7 +166,7 @@ pub fn store_unavailable(retry: Duration) -> Response<Body> {
 
 /// A challenged source without a (valid) proof of work: the token to solve, and how hard.
 /// `failure` says what was wrong with the proof sent, if one was.
-pub fn challenge(token: &str, difficulty: u8, failure: Option<&str>) -> Response<Body> {
+pub fn challenge(token: &str, difficulty: u8, failure: Option<&str>) -> Response<Bytes> {
     let why = failure.map_or_else(String::new, |f| {
         format!(" The proof sent was refused: {f}.")
     });
@@ -160,7 +191,7 @@ pub fn challenge(token: &str, difficulty: u8, failure: Option<&str>) -> Response
 }
 
 /// A suspended key (abuse detection or an operator).
-pub fn suspended(until_ms: u64) -> Response<Body> {
+pub fn suspended(until_ms: u64) -> Response<Bytes> {
     let mut r = error(
         StatusCode::FORBIDDEN,
         &format!(
@@ -179,7 +210,7 @@ pub fn suspended(until_ms: u64) -> Response<Body> {
 }
 
 /// A request a prompt rule with the `reject` action matched.
-pub fn prompt_rejected(rule: &str) -> Response<Body> {
+pub fn prompt_rejected(rule: &str) -> Response<Bytes> {
     error(
         StatusCode::BAD_REQUEST,
         &format!("Your request was rejected by the content rule {rule:?}."),
@@ -189,7 +220,7 @@ pub fn prompt_rejected(rule: &str) -> Response<Body> {
 }
 
 /// A request shed while it waited for an upstream slot (see [`super::priority`]).
-pub fn shed(shed: super::priority::Shed, tier: &str) -> Response<Body> {
+pub fn shed(shed: super::priority::Shed, tier: &str) -> Response<Bytes> {
     let mut r = if shed.upstream_saturated() {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -213,7 +244,7 @@ pub fn shed(shed: super::priority::Shed, tier: &str) -> Response<Body> {
     r
 }
 
-pub fn denied(d: &Denial, rate: &RateHeaders) -> Response<Body> {
+pub fn denied(d: &Denial, rate: &RateHeaders) -> Response<Bytes> {
     let mut r = match d {
         Denial::Requests {
             level,
@@ -306,7 +337,7 @@ pub fn quota_message(limit: u64, used: u64, requested: u64) -> String {
     )
 }
 
-fn quota_exceeded(limit: u64, used: u64, requested: u64) -> Response<Body> {
+fn quota_exceeded(limit: u64, used: u64, requested: u64) -> Response<Bytes> {
     let mut r = error(
         StatusCode::TOO_MANY_REQUESTS,
         &quota_message(limit, used, requested),

@@ -1,21 +1,21 @@
 //! One request through the gateway: who is calling, may they, what will it cost, forward it,
 //! and hand the response to [`super::metered`] for accounting on its way out.
-use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+use std::{net::IpAddr, sync::Arc, sync::atomic::Ordering};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
-use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Incoming;
+use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::{
-    Gateway, Policy,
-    answers::{self, Body},
-    client_addr,
+    Gateway, Policy, answers, client_addr,
     decide::Refusal,
-    idle,
-    metered::{self, Metered, ResponseKind, Settlement},
+    http1::{
+        head::{Headers, RequestHead, write},
+        server::{BodyError, Incoming, Relay, Reply, Service},
+        upstream::Upstream,
+    },
+    metered::{Metered, ResponseKind, Settlement},
 };
 use crate::{
     bans::now_ms,
@@ -28,32 +28,10 @@ use crate::{
     usage::Today,
 };
 
-/// What the gateway knows about a client connection.
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// The client's address from the PROXY protocol header, else the peer's.
-    pub client: std::net::IpAddr,
-    pub active: idle::Active,
-}
-
 /// Bodies above this are tokenized off the async workers.
 const TOKENIZE_INLINE_BYTES: usize = 64 << 10;
 /// Longest model name kept in usage records.
 const MAX_MODEL_LEN: usize = 128;
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the client's
-/// API key headers, which never go upstream.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Identity headers the gateway sets for the upstream; a client's own are removed.
 const TENANT_HEADER: &str = "x-aiguard-tenant";
@@ -63,62 +41,92 @@ const FLAGS_HEADER: &str = "x-aiguard-flags";
 /// A solved proof of work: `<token>:<solution>`.
 const PROOF_HEADER: &str = crate::detect::challenge::PROOF_HEADER;
 
-pub async fn handle(
-    gw: Arc<Gateway>,
-    conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let active = conn.active.enter();
+/// A client's header field that does not go upstream: those about the connection (RFC 9110
+/// §7.6.1), the API key, the client address in any spelling (the gateway writes its own),
+/// the gateway's own identity fields, and the framing (the gateway writes the length).
+fn stays_behind(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"proxy-authenticate"
+            | b"proxy-authorization"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
+            | b"authorization"
+            | b"x-api-key"
+            | b"api-key"
+            | b"host"
+            | b"forwarded"
+            | b"x-real-ip"
+            | b"x-forwarded-for"
+            | b"x-forwarded-proto"
+            | b"expect"
+            | b"content-length"
+    ) || name == TENANT_HEADER.as_bytes()
+        || name == KEY_ID_HEADER.as_bytes()
+        || name == FLAGS_HEADER.as_bytes()
+        || name == PROOF_HEADER.as_bytes()
+}
+
+impl Service for Gateway {
+    async fn call(&self, req: &mut Incoming<'_>) -> Reply {
+        handle(self, req).await
+    }
+}
+
+async fn handle(gw: &Gateway, req: &mut Incoming<'_>) -> Reply {
     gw.counters.requests.fetch_add(1, Ordering::Relaxed);
     let policy = gw.policy();
     let client_ip = match policy.settings.client_address {
         ClientAddressSource::XForwardedFor => client_addr::from_forwarded_for(
             &policy.settings.trusted_proxies,
-            conn.peer.ip(),
-            req.headers(),
+            req.peer.ip(),
+            req.head.headers.get_all("x-forwarded-for"),
         ),
-        ClientAddressSource::ProxyProtocol => conn.client,
+        ClientAddressSource::ProxyProtocol => req.client,
     };
     let detection = &gw.detection;
-    if let Err(r) = challenge(&gw, client_ip, req.headers()) {
+    if let Err(r) = challenge(gw, client_ip, &req.head.headers) {
         detection.engine.answered(client_ip, 428, now_ms());
-        return r;
+        return Reply::Answer(r);
     }
-    let response = match proxy(&gw, &policy, &conn, client_ip, req, active).await {
-        Ok(r) => r,
-        Err(r) => r,
+    let reply = match proxy(gw, &policy, client_ip, req).await {
+        Ok(relay) => Reply::Relay(relay),
+        Err(answer) => Reply::Answer(answer),
     };
-    detection
-        .engine
-        .answered(client_ip, response.status().as_u16(), now_ms());
-    response
+    let status = match &reply {
+        Reply::Answer(r) => r.status().as_u16(),
+        Reply::Relay(r) => r.status,
+    };
+    detection.engine.answered(client_ip, status, now_ms());
+    reply
 }
 
 /// A source that detection challenged must show a proof of work (see
 /// [`crate::detect::challenge`]); others pass untouched.
 // The error is the answer itself, built only for a refused request.
 #[allow(clippy::result_large_err)]
-fn challenge(
-    gw: &Gateway,
-    ip: std::net::IpAddr,
-    headers: &HeaderMap,
-) -> Result<(), Response<Body>> {
+fn challenge(gw: &Gateway, ip: IpAddr, headers: &Headers) -> Result<(), Response<Bytes>> {
     let d = &gw.detection;
     let now = now_ms();
     let Some(prefix) = d.engine.challenged(ip, now) else {
         return Ok(());
     };
     let subject = prefix.to_string();
-    let failure = match headers.get(PROOF_HEADER).map(|v| v.to_str()) {
+    let failure = match headers.get(PROOF_HEADER).map(visible_ascii) {
         None => None,
-        Some(Ok(proof)) => match d.challenger.verify(&subject, proof, now) {
+        Some(Some(proof)) => match d.challenger.verify(&subject, proof, now) {
             Ok(()) => {
                 d.metrics.challenge("passed");
                 return Ok(());
             }
             Err(e) => Some(e.to_string()),
         },
-        Some(Err(_)) => Some("the proof header is not visible ASCII".to_owned()),
+        Some(None) => Some("the proof header is not visible ASCII".to_owned()),
     };
     d.metrics.challenge(if failure.is_some() {
         "failed"
@@ -133,6 +141,14 @@ fn challenge(
         c.difficulty,
         failure.as_deref(),
     ))
+}
+
+/// A header value as text, if it is visible ASCII (with spaces and tabs).
+fn visible_ascii(v: &[u8]) -> Option<&str> {
+    v.iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(v).ok())
+        .flatten()
 }
 
 /// Which API a request speaks, by its path (after any prefix): it decides what is read from the
@@ -221,16 +237,15 @@ fn api_of_body(body: &[u8]) -> Api {
 }
 
 /// The API key a request presents: `Authorization: Bearer`, `x-api-key` or `api-key`.
-fn presented_key(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
+fn presented_key(headers: &Headers) -> Result<Option<&str>, &'static str> {
     for name in ["authorization", "x-api-key", "api-key"] {
-        let mut values = headers.get_all(name).iter();
+        let mut values = headers.get_all(name);
         let Some(v) = values.next() else { continue };
         if values.next().is_some() {
             return Err("more than one API key header: send exactly one");
         }
-        let v = v
-            .to_str()
-            .map_err(|_| "the API key header is not visible ASCII")?
+        let v = visible_ascii(v)
+            .ok_or("the API key header is not visible ASCII")?
             .trim();
         if name == "authorization" {
             let Some((scheme, token)) = v.split_once(' ') else {
@@ -264,7 +279,7 @@ async fn inspect(
     policy: &Policy,
     api: Api,
     body: Bytes,
-) -> Result<Inspected, Response<Body>> {
+) -> Result<Inspected, Response<Bytes>> {
     if api == Api::Other || body.is_empty() {
         return Ok(Inspected {
             body,
@@ -363,7 +378,7 @@ async fn inspect(
 /// The prompt rules over a request's messages: each match logged with its evidence and
 /// counted; `reject` answers 400; `tag` names the rule to the upstream (returned here).
 #[allow(clippy::result_large_err)]
-fn apply_prompt_rules(gw: &Gateway, json: &Value) -> Result<Vec<Arc<str>>, Response<Body>> {
+fn apply_prompt_rules(gw: &Gateway, json: &Value) -> Result<Vec<Arc<str>>, Response<Bytes>> {
     let rules = gw.detection.prompt_rules();
     if rules.is_empty() {
         return Ok(Vec::new());
@@ -393,92 +408,103 @@ fn apply_prompt_rules(gw: &Gateway, json: &Value) -> Result<Vec<Arc<str>>, Respo
     Ok(flags)
 }
 
-async fn read_body(
-    policy: &Policy,
-    headers: &HeaderMap,
-    body: Incoming,
-) -> Result<Bytes, Response<Body>> {
+/// The whole request body, or the answer that refuses it.
+async fn read_body(policy: &Policy, req: &mut Incoming<'_>) -> Result<Bytes, Response<Bytes>> {
     let max = policy.settings.max_request_bytes;
-    let too_large = || {
-        answers::error(
+    // The client must send its whole body within the idle timeout.
+    match req.read_body(max, policy.settings.idle_timeout).await {
+        Ok(body) => Ok(body),
+        Err(BodyError::TooLarge(_)) => Err(answers::error(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("The request body is larger than the gateway accepts ({max} bytes)."),
             "invalid_request_error",
             Some("request_too_large"),
-        )
-    };
-    if let Some(len) = headers.get(header::CONTENT_LENGTH)
-        && len
-            .to_str()
-            .ok()
-            .and_then(|l| l.parse::<u64>().ok())
-            .is_some_and(|l| l > max)
-    {
-        return Err(too_large());
-    }
-    let limited = Limited::new(body, max as usize);
-    // The client must send its whole body within the idle timeout.
-    match tokio::time::timeout(policy.settings.idle_timeout, limited.collect()).await {
-        Err(_) => Err(answers::error(
+        )),
+        Err(BodyError::TimedOut) => Err(answers::error(
             StatusCode::REQUEST_TIMEOUT,
             "The request body did not arrive in time.",
             "invalid_request_error",
             None,
         )),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(answers::bad_request(&format!(
+        Err(e) => Err(answers::bad_request(&format!(
             "The request body could not be read: {e}"
         ))),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        headers.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        headers.remove(*n);
-    }
+/// The request line and header fields the upstream gets: the client's, minus what
+/// [`stays_behind`], plus who the caller is.
+struct UpstreamHead<'a> {
+    up: &'a Upstream,
+    client_ip: IpAddr,
+    /// The X-Forwarded-For value to send.
+    forwarded: &'a str,
+    tenant: &'a str,
+    key_id: &'a str,
+    flags: &'a [Arc<str>],
+    authorization: Option<&'a str>,
+    body_len: usize,
 }
 
-fn upstream_uri(base: &Uri, req: &Uri) -> Uri {
-    let prefix = base.path().trim_end_matches('/');
-    let pq = req.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut b = Uri::builder();
-    if let Some(s) = base.scheme() {
-        b = b.scheme(s.clone());
+impl UpstreamHead<'_> {
+    fn write(&self, req: &RequestHead) -> Vec<u8> {
+        let mut out = Vec::with_capacity(384);
+        out.extend_from_slice(req.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.up.prefix.as_bytes());
+        out.extend_from_slice(req.path_and_query().as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        write::header(&mut out, b"host", self.up.authority.as_bytes());
+        // Fields the client's Connection names are about its connection too (rarely any).
+        let listed = req.headers.connection_options();
+        for (name, value) in req.headers.iter() {
+            if stays_behind(name) || listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
+                continue;
+            }
+            write::header(&mut out, name, value);
+        }
+        if !self.flags.is_empty() {
+            let joined = self.flags.join(",");
+            if write::is_valid_value(joined.as_bytes()) {
+                write::header(&mut out, FLAGS_HEADER.as_bytes(), joined.as_bytes());
+            }
+        }
+        if let Some(a) = self.authorization
+            && write::is_valid_value(a.as_bytes())
+        {
+            write::header(&mut out, b"authorization", a.as_bytes());
+        }
+        let forwarded = if write::is_valid_value(self.forwarded.as_bytes()) {
+            self.forwarded.to_owned()
+        } else {
+            self.client_ip.to_string()
+        };
+        write::header(&mut out, b"x-forwarded-for", forwarded.as_bytes());
+        write::header(&mut out, b"x-forwarded-proto", b"http");
+        for (name, value) in [(TENANT_HEADER, self.tenant), (KEY_ID_HEADER, self.key_id)] {
+            if write::is_valid_value(value.as_bytes()) {
+                write::header(&mut out, name.as_bytes(), value.as_bytes());
+            }
+        }
+        write::header_u64(&mut out, b"content-length", self.body_len as u64);
+        out.extend_from_slice(b"\r\n");
+        out
     }
-    if let Some(a) = base.authority() {
-        b = b.authority(a.clone());
-    }
-    b.path_and_query(format!("{prefix}{pq}"))
-        .build()
-        .unwrap_or_else(|_| base.clone())
 }
 
 async fn proxy(
     gw: &Gateway,
     policy: &Policy,
-    conn: &ConnInfo,
-    client_ip: std::net::IpAddr,
-    req: Request<Incoming>,
-    active: idle::ActiveGuard,
-) -> Result<Response<Body>, Response<Body>> {
+    client_ip: IpAddr,
+    req: &mut Incoming<'_>,
+) -> Result<Relay, Response<Bytes>> {
     let s = &policy.settings;
-    if matches!(req.method(), &http::Method::CONNECT | &http::Method::TRACE) {
+    if matches!(req.head.method, http::Method::CONNECT | http::Method::TRACE) {
         gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
         gw.metrics.count(NO_TIER, Outcome::BadRequest);
         let mut r = answers::error(
             StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{} is not served by this API.", req.method()),
+            &format!("{} is not served by this API.", req.head.method),
             "invalid_request_error",
             Some("method_not_allowed"),
         );
@@ -489,7 +515,7 @@ async fn proxy(
         return Err(r);
     }
     let engine = &gw.detection.engine;
-    let key: LiveKey = match presented_key(req.headers()) {
+    let key: LiveKey = match presented_key(&req.head.headers) {
         Err(why) => {
             gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             gw.metrics.count(NO_TIER, Outcome::BadRequest);
@@ -533,7 +559,7 @@ async fn proxy(
     };
     // A request refused before admission still tells the client where its limits stand, as
     // OpenAI's answers do (in memory only: with a shared store that takes a round trip).
-    let refused = |mut r: Response<Body>| {
+    let refused = |mut r: Response<Bytes>| {
         gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
         gw.metrics.count(tier_label, Outcome::BadRequest);
         if gw.decider.shared().is_none() {
@@ -543,13 +569,10 @@ async fn proxy(
         r
     };
 
-    let (parts, body) = req.into_parts();
-    let api = api_of(&parts.method, parts.uri.path());
-    let body = read_body(policy, &parts.headers, body)
-        .await
-        .map_err(refused)?;
+    let api = api_of(&req.head.method, req.head.path());
+    let body = read_body(policy, req).await.map_err(refused)?;
     let api = match api {
-        Api::Other if parts.method == http::Method::POST => api_of_body(&body),
+        Api::Other if req.head.method == http::Method::POST => api_of_body(&body),
         known => known,
     };
     let inspected = inspect(gw, policy, api, body).await.map_err(refused)?;
@@ -622,40 +645,17 @@ async fn proxy(
     gw.counters.allowed.fetch_add(1, Ordering::Relaxed);
     let in_flight = gw.metrics.in_flight();
 
-    // The upstream request: the client's, minus connection and identity headers.
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    for n in [
-        "authorization",
-        "x-api-key",
-        "api-key",
-        "host",
-        TENANT_HEADER,
-        KEY_ID_HEADER,
-        FLAGS_HEADER,
-        PROOF_HEADER,
-    ] {
-        headers.remove(n);
-    }
-    if !inspected.flags.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&inspected.flags.join(","))
-    {
-        headers.insert(FLAGS_HEADER, v);
-    }
-    if let Some(a) = &s.upstream_authorization
-        && let Ok(v) = HeaderValue::from_str(a)
-    {
-        headers.insert(header::AUTHORIZATION, v);
-    }
-    let peer_ip = client_addr::canonical(conn.peer.ip());
+    // X-Forwarded-For: behind a PROXY-protocol balancer the client's own is its word only;
+    // behind a trusted X-Forwarded-For one, the chain so far plus the balancer.
+    let peer_ip = client_addr::canonical(req.peer.ip());
     let forwarded = match s.client_address {
-        // Behind a PROXY-protocol balancer the client's own X-Forwarded-For is its word only.
         ClientAddressSource::ProxyProtocol => client_ip.to_string(),
         ClientAddressSource::XForwardedFor => {
-            let prior: Vec<&str> = headers
+            let prior: Vec<&str> = req
+                .head
+                .headers
                 .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
+                .filter_map(|v| std::str::from_utf8(v).ok())
                 .collect();
             if !prior.is_empty() && client_addr::is_trusted(&s.trusted_proxies, peer_ip) {
                 format!("{}, {peer_ip}", prior.join(", "))
@@ -664,28 +664,18 @@ async fn proxy(
             }
         }
     };
-    // Other spellings of the client address would contradict the one set here.
-    for n in ["forwarded", "x-real-ip", "x-forwarded-for", "expect"] {
-        headers.remove(n);
+    let up = gw.upstream(policy);
+    let head = UpstreamHead {
+        up,
+        client_ip,
+        forwarded: &forwarded,
+        tenant: &key.tenant,
+        key_id: &key.id,
+        flags: &inspected.flags,
+        authorization: s.upstream_authorization.as_deref(),
+        body_len: inspected.body.len(),
     }
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Ok(v) = HeaderValue::from_str(&key.tenant) {
-        headers.insert(TENANT_HEADER, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&key.id) {
-        headers.insert(KEY_ID_HEADER, v);
-    }
-    headers.insert(
-        header::CONTENT_LENGTH,
-        HeaderValue::from(inspected.body.len()),
-    );
-    let mut up = Request::new(Full::new(inspected.body));
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = upstream_uri(&gw.upstream(policy), &parts.uri);
-    *up.headers_mut() = headers;
+    .write(&req.head);
 
     let settlement = Settlement {
         ledger: gw.ledger.clone(),
@@ -700,7 +690,13 @@ async fn proxy(
     };
 
     let sent_at = std::time::Instant::now();
-    let sent = tokio::time::timeout(s.upstream_response_timeout, gw.client.request(up)).await;
+    let to_head = req.head.is_head();
+    let sent = req
+        .within(
+            s.upstream_response_timeout,
+            gw.pool.send(up, &head, &inspected.body, to_head),
+        )
+        .await;
     gw.metrics.observe_upstream(sent_at);
     let response = match sent {
         Ok(Ok(r)) => r,
@@ -742,46 +738,48 @@ async fn proxy(
         }
     };
 
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    answers::rate_headers(&mut parts.headers, &admission.headers());
-    if parts.status.is_server_error() {
+    let status = response.head.status;
+    let rate = admission.headers();
+    let mut extra = Vec::with_capacity(256);
+    answers::rate_headers(&mut extra, &rate);
+    if status >= 500 {
         gw.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
         gw.metrics.count(tier_label, Outcome::UpstreamError);
     } else {
         gw.metrics.count(tier_label, Outcome::Allowed);
     }
-    let kind = if !parts.status.is_success() {
+    let kind = if !(200..300).contains(&status) {
         ResponseKind::Failed
     } else {
-        match parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(ct) if ct.starts_with("text/event-stream") => ResponseKind::EventStream {
+        match response.head.headers.get("content-type") {
+            Some(ct) if ct.starts_with(b"text/event-stream") => ResponseKind::EventStream {
                 hide_usage_chunk: !inspected.client_wants_usage,
             },
-            Some(ct) if ct.starts_with("application/json") => ResponseKind::Json,
+            Some(ct) if ct.starts_with(b"application/json") => ResponseKind::Json,
             _ => ResponseKind::Other,
         }
     };
-    if matches!(
-        kind,
-        ResponseKind::EventStream {
-            hide_usage_chunk: true
-        }
-    ) {
-        // The body changes length when the usage chunk is hidden.
-        parts.headers.remove(header::CONTENT_LENGTH);
-    }
-    let metered = Metered::new(body, kind, admission, settlement, active);
-    Ok(Response::from_parts(parts, metered::boxed(metered)))
+    Ok(Relay {
+        status,
+        headers: response.head.headers,
+        body: response.body,
+        extra,
+        replaced: answers::replaced_by(&rate),
+        filter: Box::new(Metered::new(kind, admission, settlement)),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
+
+    fn request(lines: &str) -> RequestHead {
+        let text = format!("POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: gw\r\n{lines}\r\n");
+        crate::gateway::http1::head::parse_request(&mut BytesMut::from(text.as_str()))
+            .expect("valid")
+            .expect("complete")
+    }
 
     #[test]
     fn the_api_is_read_as_the_upstream_router_reads_the_path() {
@@ -812,43 +810,51 @@ mod tests {
 
     #[test]
     fn keys_are_read_from_the_three_headers() {
-        let mut h = HeaderMap::new();
-        h.insert("authorization", "Bearer aig_x".parse().expect("v"));
-        assert_eq!(presented_key(&h), Ok(Some("aig_x")));
-        let mut h = HeaderMap::new();
-        h.insert("x-api-key", "aig_y".parse().expect("v"));
-        assert_eq!(presented_key(&h), Ok(Some("aig_y")));
-        let mut h = HeaderMap::new();
-        h.insert("api-key", "aig_z".parse().expect("v"));
-        assert_eq!(presented_key(&h), Ok(Some("aig_z")));
-        let mut h = HeaderMap::new();
-        h.append("authorization", "Bearer a".parse().expect("v"));
-        h.append("authorization", "Bearer b".parse().expect("v"));
-        assert!(presented_key(&h).is_err());
-        let mut h = HeaderMap::new();
-        h.insert("authorization", "Basic abc".parse().expect("v"));
-        assert!(presented_key(&h).is_err());
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "close, x-secret".parse().expect("v"));
-        h.insert("x-secret", "1".parse().expect("v"));
-        h.insert("transfer-encoding", "chunked".parse().expect("v"));
-        h.insert("x-kept", "1".parse().expect("v"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
-    }
-
-    #[test]
-    fn upstream_uri_keeps_the_prefix_and_query() {
-        let base: Uri = "http://127.0.0.1:8000/api".parse().expect("uri");
-        let req: Uri = "/v1/models?x=1".parse().expect("uri");
+        let key = |lines: &str| {
+            let r = request(lines);
+            presented_key(&r.headers).map(|k| k.map(str::to_owned))
+        };
         assert_eq!(
-            upstream_uri(&base, &req).to_string(),
-            "http://127.0.0.1:8000/api/v1/models?x=1"
+            key("authorization: Bearer aig_x\r\n"),
+            Ok(Some("aig_x".into()))
+        );
+        assert_eq!(key("X-Api-Key: aig_y\r\n"), Ok(Some("aig_y".into())));
+        assert_eq!(key("api-key: aig_z\r\n"), Ok(Some("aig_z".into())));
+        assert_eq!(key(""), Ok(None));
+        assert!(key("authorization: Bearer a\r\nauthorization: Bearer b\r\n").is_err());
+        assert!(key("authorization: Basic abc\r\n").is_err());
+        assert!(key("x-api-key: café\r\n").is_err(), "not visible ASCII");
+    }
+
+    #[test]
+    fn the_upstream_head_drops_connection_and_identity_fields_and_adds_the_callers() {
+        let req = request(
+            "Connection: keep-alive, x-secret\r\nx-secret: 1\r\nTransfer-Encoding: chunked\r\n\
+             Authorization: Bearer aig_k\r\nX-Forwarded-For: 6.6.6.6\r\nx-aiguard-tenant: evil\r\n\
+             Expect: 100-continue\r\nx-kept: yes\r\nContent-Type: application/json\r\n",
+        );
+        let up = Upstream::from_uri(&"http://127.0.0.1:8000/api/".parse().expect("uri"))
+            .expect("upstream");
+        let flags = [Arc::<str>::from("pii")];
+        let head = UpstreamHead {
+            up: &up,
+            client_ip: "192.0.2.7".parse().expect("ip"),
+            forwarded: "192.0.2.7",
+            tenant: "acme",
+            key_id: "key_1",
+            flags: &flags,
+            authorization: Some("Bearer upstream-secret"),
+            body_len: 42,
+        }
+        .write(&req);
+        let text = String::from_utf8(head).expect("text");
+        assert_eq!(
+            text,
+            "POST /api/v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n\
+             x-kept: yes\r\ncontent-type: application/json\r\nx-aiguard-flags: pii\r\n\
+             authorization: Bearer upstream-secret\r\nx-forwarded-for: 192.0.2.7\r\n\
+             x-forwarded-proto: http\r\nx-aiguard-tenant: acme\r\nx-aiguard-key-id: key_1\r\n\
+             content-length: 42\r\n\r\n"
         );
     }
 }

@@ -5,22 +5,15 @@
 //! limiter gets back what was reserved and not used, and the ledger records the usage.
 //!
 //! A stream that would pass a hard monthly quota is ended with a final SSE error event.
-use std::{
-    collections::VecDeque,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use serde_json::Value;
 use tracing::error;
 
+use super::answers;
 use super::decide::Ticket;
-use super::{answers, idle::ActiveGuard};
+use super::http1::server::{Filter, Flow};
 use crate::{
     limits::Progress,
     tokens::Tokenizer,
@@ -171,54 +164,38 @@ fn generated_text(v: &Value, out: &mut String) {
 }
 
 pub struct Metered {
-    inner: Incoming,
     kind: ResponseKind,
     admission: Option<Ticket>,
     settlement: Settlement,
-    _active: ActiveGuard,
     /// JSON: the body so far (up to [`MAX_JSON_PARSE`]).
     json: Vec<u8>,
     json_overflow: bool,
     /// SSE: bytes of an event not yet complete.
     pending: BytesMut,
-    out: VecDeque<Bytes>,
     usage: Option<(u64, u64)>,
     /// Tokens of the text streamed so far (for streams without usage and for the quota).
     streamed_tokens: u64,
     ended: bool,
 }
 
-pub fn boxed(m: Metered) -> answers::Body {
-    m.boxed()
-}
-
 impl Metered {
-    pub fn new(
-        inner: Incoming,
-        kind: ResponseKind,
-        admission: Ticket,
-        settlement: Settlement,
-        active: ActiveGuard,
-    ) -> Self {
+    pub fn new(kind: ResponseKind, admission: Ticket, settlement: Settlement) -> Self {
         Self {
-            inner,
             kind,
             admission: Some(admission),
             settlement,
-            _active: active,
             json: Vec::new(),
             json_overflow: false,
             pending: BytesMut::new(),
-            out: VecDeque::new(),
             usage: None,
             streamed_tokens: 0,
             ended: false,
         }
     }
 
-    /// Splits complete SSE events off `pending`, queueing what the client gets. Returns false
-    /// when the stream must end (quota).
-    fn take_events(&mut self) -> bool {
+    /// Splits complete SSE events off `pending`: what the client gets, and false when the
+    /// stream must end (quota).
+    fn take_events(&mut self) -> (Option<Bytes>, bool) {
         let hide_usage = matches!(
             self.kind,
             ResponseKind::EventStream {
@@ -267,10 +244,7 @@ impl Metered {
             // Not SSE as we know it: pass it on untouched.
             passed.extend_from_slice(&self.pending.split());
         }
-        if !passed.is_empty() {
-            self.out.push_back(passed.freeze());
-        }
-        go_on
+        ((!passed.is_empty()).then(|| passed.freeze()), go_on)
     }
 
     fn finish(&mut self) {
@@ -350,83 +324,49 @@ fn event_data(event: &[u8]) -> Option<String> {
     data
 }
 
-impl HttpBody for Metered {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        loop {
-            if let Some(b) = this.out.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-            if this.ended {
-                return Poll::Ready(None);
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => {
-                    if !this.pending.is_empty() {
-                        let rest = this.pending.split().freeze();
-                        this.out.push_back(rest);
-                    }
-                    this.finish();
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    this.finish();
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Poll::Ready(Some(Ok(frame))) => {
-                    let frame = match frame.into_data() {
-                        Ok(data) => data,
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                    };
-                    match this.kind {
-                        ResponseKind::EventStream { .. } => {
-                            this.pending.extend_from_slice(&frame);
-                            if !this.take_events() {
-                                // Quota: the error event goes out, then the stream ends (the
-                                // upstream connection is dropped, which stops generation).
-                                this.finish();
-                            }
-                        }
-                        ResponseKind::Json => {
-                            if this.json.len() + frame.len() <= MAX_JSON_PARSE {
-                                this.json.extend_from_slice(&frame);
-                            } else {
-                                this.json_overflow = true;
-                            }
-                            return Poll::Ready(Some(Ok(Frame::data(frame))));
-                        }
-                        _ => return Poll::Ready(Some(Ok(Frame::data(frame)))),
-                    }
-                }
-            }
-        }
+impl Filter for Metered {
+    /// A stream may lose its hidden usage chunk or be cut at the quota.
+    fn rewrites(&self) -> bool {
+        matches!(self.kind, ResponseKind::EventStream { .. })
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.ended && self.out.is_empty()
-    }
-
-    fn size_hint(&self) -> SizeHint {
+    fn data(&mut self, piece: Bytes) -> (Option<Bytes>, Flow) {
         match self.kind {
-            ResponseKind::EventStream {
-                hide_usage_chunk: true,
-            } => SizeHint::default(),
-            _ => self.inner.size_hint(),
+            ResponseKind::EventStream { .. } => {
+                self.pending.extend_from_slice(&piece);
+                let (passed, go_on) = self.take_events();
+                if go_on {
+                    (passed, Flow::Continue)
+                } else {
+                    // Quota: the error event goes out, then the stream ends (the upstream
+                    // connection is dropped, which stops generation).
+                    self.finish();
+                    (passed, Flow::Stop)
+                }
+            }
+            ResponseKind::Json => {
+                if self.json.len() + piece.len() <= MAX_JSON_PARSE {
+                    self.json.extend_from_slice(&piece);
+                } else {
+                    self.json_overflow = true;
+                }
+                (Some(piece), Flow::Continue)
+            }
+            ResponseKind::Other | ResponseKind::Failed => (Some(piece), Flow::Continue),
         }
+    }
+
+    fn end(&mut self, _complete: bool) -> Option<Bytes> {
+        let rest = (!self.pending.is_empty()).then(|| self.pending.split().freeze());
+        self.finish();
+        rest
     }
 }
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // hyper stops polling a body once its content-length is delivered, and a client may
-        // go away mid-response: either way, settle with what was seen (the upstream stops
-        // when its connection drops).
+        // A client may go away mid-response (or the connection's task be cut at shutdown):
+        // settle with what was seen (the upstream stops when its connection drops).
         self.finish();
     }
 }

@@ -3,24 +3,23 @@
 //!
 //! # Layout
 //! - this module: the shared [`Gateway`] state, listeners, connections, reload, shutdown;
+//! - [`http1`]: the HTTP/1.1 the gateway speaks, both to clients and to the upstream;
 //! - [`handler`]: one request, from key to upstream and back;
 //! - [`metered`]: the response body on its way out: usage read from JSON or SSE, quota cut-off,
 //!   settlement;
 //! - [`decide`]: where limits are decided (memory, or the shared store and its fallback);
 //! - [`answers`]: OpenAI-style errors and rate-limit headers;
 //! - [`client_addr`]: the client's address behind trusted proxies (X-Forwarded-For, PROXY);
-//! - [`idle`]: the client connection's idle timeout;
 //! - [`priority`]: the upstream's slots shared across tiers by weight when it is saturated.
 pub mod answers;
 pub mod client_addr;
 pub mod decide;
 mod handler;
-pub mod idle;
+pub mod http1;
 mod metered;
 pub mod priority;
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc, RwLock,
@@ -29,14 +28,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{debug, info, warn};
 
@@ -48,16 +39,25 @@ use crate::{
     tokens::Tokenizer,
     usage::Ledger,
 };
+use http1::{
+    server::Timeouts,
+    upstream::{Pool, PoolSettings, Upstream},
+};
 
 /// How long in-flight requests may take to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle upstream connections: how long one is kept, how many per upstream, how often the
+/// expired ones are closed.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
+const UPSTREAM_MAX_IDLE: usize = 1024;
+const UPSTREAM_SWEEP: Duration = Duration::from_secs(30);
 
 /// The parts of the configuration a reload may change.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub settings: GatewaySettings,
     pub tiers: TierTable,
-    upstreams: Vec<http::Uri>,
+    upstreams: Vec<Upstream>,
 }
 
 impl Policy {
@@ -66,7 +66,10 @@ impl Policy {
             .gateway
             .upstreams
             .iter()
-            .map(|u| u.parse().expect("validated upstream URL"))
+            .map(|u| {
+                let uri: http::Uri = u.parse().expect("validated upstream URL");
+                Upstream::from_uri(&uri).expect("validated upstream URL")
+            })
             .collect();
         Self {
             settings: config.gateway.clone(),
@@ -108,7 +111,8 @@ pub struct Gateway {
     pub decider: decide::Decider,
     pub ledger: Arc<Ledger>,
     tokenizer: Tokenizer,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// Kept-alive connections to the upstreams.
+    pool: Pool,
     next_upstream: AtomicUsize,
     pub counters: Counters,
     /// The upstream's slots, when `gateway.upstream_slots` is set.
@@ -135,16 +139,11 @@ impl Gateway {
             keys.clone(),
             store,
         )?);
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(policy.settings.upstream_connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let pool = Pool::new(PoolSettings {
+            connect_timeout: policy.settings.upstream_connect_timeout,
+            idle_timeout: UPSTREAM_IDLE,
+            max_idle: UPSTREAM_MAX_IDLE,
+        });
         let limiter = Limiter::new();
         // With a shared store the monthly counters live in Redis; this node's own totals
         // would only be its share.
@@ -166,7 +165,7 @@ impl Gateway {
             decider: decide::Decider::new(shared),
             ledger,
             tokenizer,
-            client,
+            pool,
             next_upstream: AtomicUsize::new(0),
             counters: Counters::default(),
             scheduler,
@@ -197,9 +196,8 @@ impl Gateway {
         if old.tokenizer != new.settings.tokenizer {
             needs_restart.push("gateway.tokenizer".to_owned());
         }
-        if old.upstream_connect_timeout != new.settings.upstream_connect_timeout {
-            needs_restart.push("gateway.upstream_connect_timeout".to_owned());
-        }
+        self.pool
+            .set_connect_timeout(new.settings.upstream_connect_timeout);
         self.scheduler
             .configure(new.settings.upstream_slots.unwrap_or(0), &new.tiers);
         self.detection.configure(&config.detect);
@@ -207,9 +205,9 @@ impl Gateway {
         needs_restart
     }
 
-    fn upstream(&self, policy: &Policy) -> http::Uri {
+    fn upstream<'p>(&self, policy: &'p Policy) -> &'p Upstream {
         let i = self.next_upstream.fetch_add(1, Ordering::Relaxed);
-        policy.upstreams[i % policy.upstreams.len()].clone()
+        &policy.upstreams[i % policy.upstreams.len()]
     }
 }
 
@@ -240,25 +238,28 @@ impl Listeners {
 }
 
 /// Serves every listener until `shutdown` turns true, then stops accepting and gives in-flight
-/// requests [`DRAIN_TIMEOUT`] to finish.
+/// requests [`DRAIN_TIMEOUT`] to finish (idle keep-alive connections close at once).
 pub async fn serve(gw: Arc<Gateway>, listeners: Listeners, mut shutdown: watch::Receiver<bool>) {
     if let Some(findings) = gw.detection.take_findings() {
         let responder = gw.detection.responder.clone();
         tokio::spawn(responder.run(findings, shutdown.clone()));
         tokio::spawn(sweep_detection(gw.detection.clone(), shutdown.clone()));
     }
-    let graceful = GracefulShutdown::new();
+    tokio::spawn(sweep_upstreams(gw.pool.clone(), shutdown.clone()));
+    // Every connection task holds a sender; all of them gone is "drained".
+    let (live, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     let mut accepts = JoinSet::new();
-    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(1024);
     for l in listeners.listeners {
-        let tx = conn_tx.clone();
+        let (gw, live, shutdown) = (gw.clone(), live.clone(), shutdown.clone());
         accepts.spawn(async move {
             loop {
                 match l.accept().await {
-                    Ok(c) => {
-                        if tx.send(c).await.is_err() {
-                            return;
-                        }
+                    Ok((stream, peer)) => {
+                        let (gw, live, shutdown) = (gw.clone(), live.clone(), shutdown.clone());
+                        tokio::spawn(async move {
+                            serve_connection(gw, stream, peer, shutdown).await;
+                            drop(live);
+                        });
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -269,23 +270,11 @@ pub async fn serve(gw: Arc<Gateway>, listeners: Listeners, mut shutdown: watch::
             }
         });
     }
-    drop(conn_tx);
-    loop {
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break,
-            conn = conn_rx.recv() => {
-                let Some((stream, peer)) = conn else { break };
-                let gw = gw.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    serve_connection(gw, stream, peer, watcher).await;
-                });
-            }
-        }
-    }
+    drop(live);
+    let _ = shutdown.wait_for(|s| *s).await;
     accepts.abort_all();
     tokio::select! {
-        _ = graceful.shutdown() => debug!("gateway connections drained"),
+        _ = drained.recv() => debug!("gateway connections drained"),
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
             warn!("gateway requests still running after {DRAIN_TIMEOUT:?}: closing them");
         }
@@ -299,7 +288,7 @@ async fn serve_connection(
     gw: Arc<Gateway>,
     mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    watcher: hyper_util::server::graceful::Watcher,
+    shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let policy = gw.policy();
@@ -317,31 +306,23 @@ async fn serve_connection(
             }
         }
     }
-    let active = idle::Active::default();
-    let io = TokioIo::new(idle::IdleTimeout::new(
-        stream,
-        s.idle_timeout,
-        active.clone(),
-    ));
-    let conn_info = Arc::new(handler::ConnInfo {
-        peer,
-        client,
-        active,
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(s.header_read_timeout)
-        .keep_alive(true)
-        .max_headers(100);
-    let service = service_fn(move |req| {
-        let gw = gw.clone();
-        let info = conn_info.clone();
-        async move { Ok::<_, Infallible>(handler::handle(gw, info, req).await) }
-    });
-    let conn = builder.serve_connection(io, service);
-    if let Err(e) = watcher.watch(conn).await {
-        debug!(%peer, error = %e, "gateway connection ended with an error");
+    let timeouts = Timeouts {
+        header_read: s.header_read_timeout,
+        idle: s.idle_timeout,
+    };
+    drop(policy);
+    http1::server::serve_connection(&*gw, stream, peer, client, timeouts, shutdown).await;
+}
+
+/// Closes upstream connections that have idled too long.
+async fn sweep_upstreams(pool: Pool, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(UPSTREAM_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => pool.sweep(),
+        }
     }
 }
 

@@ -167,7 +167,7 @@ impl Leg {
             Self::Nginx => "nginx limit_req",
             Self::Aiguard => "aiguard gateway",
             Self::AiguardPlain => "aiguard, detection and queueing off",
-            Self::Passthrough => "hyper pass-through (no checks)",
+            Self::Passthrough => "HTTP pass-through (no checks)",
         }
     }
 }

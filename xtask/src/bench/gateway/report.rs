@@ -108,7 +108,7 @@ pub struct Ratios {
     pub cpu_per_request: Option<f64>,
     pub throughput: Option<f64>,
     pub cpu_per_request_at_fixed_rate: Option<f64>,
-    /// The HTTP stack alone (hyper pass-through) over nginx limit_req, CPU per request at
+    /// The HTTP stack alone (pass-through) over nginx limit_req, CPU per request at
     /// saturation: the floor under `cpu_per_request`.
     pub passthrough_cpu_per_request: Option<f64>,
     /// aiguard with detection and queueing over aiguard without, at saturation: what they cost.
@@ -375,7 +375,7 @@ impl Report {
                 self.ratios.cpu_per_request_at_fixed_rate,
             ),
             (
-                "CPU per request at saturation of the HTTP stack alone (hyper pass-through, \
+                "CPU per request at saturation of the HTTP stack alone (pass-through, \
                  no checks): the floor",
                 self.ratios.passthrough_cpu_per_request,
             ),
