@@ -5,6 +5,7 @@
 //! brute-force) and costs well under a microsecond per request.
 use std::{
     collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
     sync::{Arc, Mutex, RwLock},
 };
 
@@ -67,8 +68,10 @@ pub struct KeyRing {
 #[derive(Default)]
 struct Ring {
     records: Vec<KeyRecord>,
-    /// Live keys by the first 8 bytes of their hash; the full hash is compared in constant time.
-    live: HashMap<u64, Vec<LiveKey>>,
+    /// Live keys by the first 8 bytes of their hash (already uniform: no hashing of its
+    /// own); the full hash is compared in constant time. One allocation per key, shared by
+    /// the requests that carry it.
+    live: HashMap<u64, Vec<Arc<LiveKey>>, BuildHasherDefault<KeyBucketHasher>>,
 }
 
 /// What a request carrying a valid key learns about it.
@@ -91,6 +94,24 @@ impl LiveKey {
 
 fn hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Hashes a key bucket (already the first bytes of a SHA-256) as itself.
+#[derive(Default)]
+struct KeyBucketHasher(u64);
+
+impl Hasher for KeyBucketHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 fn bucket(hash: &[u8; 32]) -> u64 {
@@ -145,22 +166,22 @@ impl KeyRing {
     }
 
     fn rebuild(&self, records: Vec<KeyRecord>) {
-        let mut live: HashMap<u64, Vec<LiveKey>> = HashMap::new();
+        let mut live: HashMap<u64, Vec<Arc<LiveKey>>, _> = HashMap::default();
         for r in records.iter().filter(|r| r.revoked_ms.is_none()) {
             let Some(h) = unhex(&r.sha256) else { continue };
-            live.entry(bucket(&h)).or_default().push(LiveKey {
+            live.entry(bucket(&h)).or_default().push(Arc::new(LiveKey {
                 hash: h,
                 id: r.id.as_str().into(),
                 tenant: r.tenant.as_str().into(),
                 tier: r.tier.as_str().into(),
                 suspended_until_ms: r.suspended_until_ms,
-            });
+            }));
         }
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Ring { records, live };
     }
 
     /// The live key `secret` is, if any.
-    pub fn authenticate(&self, secret: &str) -> Option<LiveKey> {
+    pub fn authenticate(&self, secret: &str) -> Option<Arc<LiveKey>> {
         let h = hash(secret);
         let ring = self.state.read().unwrap_or_else(|p| p.into_inner());
         let candidates = ring.live.get(&bucket(&h))?;

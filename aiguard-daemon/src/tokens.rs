@@ -12,7 +12,19 @@ use crate::tiers::TokenizerName;
 #[derive(Clone, Copy)]
 pub struct Tokenizer {
     bpe: &'static CoreBPE,
+    /// Tokens of each of [`ROLES`], counted once at load (every message names one).
+    role_tokens: [u64; ROLES.len()],
 }
+
+/// The chat roles, whose tokens are counted once.
+const ROLES: [&str; 6] = [
+    "user",
+    "assistant",
+    "system",
+    "developer",
+    "tool",
+    "function",
+];
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -31,7 +43,19 @@ impl Tokenizer {
             TokenizerName::O200kBase => tiktoken_rs::o200k_base_singleton(),
             TokenizerName::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
         };
-        Self { bpe }
+        let mut role_tokens = [0; ROLES.len()];
+        for (n, role) in role_tokens.iter_mut().zip(ROLES) {
+            *n = bpe.count_ordinary(role) as u64;
+        }
+        Self { bpe, role_tokens }
+    }
+
+    /// Tokens of a message's role.
+    fn count_role(&self, role: &str) -> u64 {
+        match ROLES.iter().position(|r| *r == role) {
+            Some(i) => self.role_tokens[i],
+            None => self.count(role),
+        }
     }
 
     /// Tokens of plain text.
@@ -76,7 +100,7 @@ impl Tokenizer {
             for m in messages {
                 n += PER_MESSAGE;
                 if let Some(role) = m.get("role").and_then(Value::as_str) {
-                    n += self.count(role);
+                    n += self.count_role(role);
                 }
                 if let Some(c) = m.get("content") {
                     n += self.count_value(c);
@@ -132,6 +156,16 @@ mod tests {
             t.prompt_tokens(&serde_json::json!({"prompt": [1, 2, 3]})),
             3
         );
+    }
+
+    #[test]
+    fn roles_counted_once_count_as_the_tokenizer_does() {
+        for name in [TokenizerName::O200kBase, TokenizerName::Cl100kBase] {
+            let t = Tokenizer::load(name);
+            for role in ROLES.iter().chain(&["narrator", ""]) {
+                assert_eq!(t.count_role(role), t.count(role), "{role}");
+            }
+        }
     }
 
     #[test]

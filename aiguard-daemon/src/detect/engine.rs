@@ -305,7 +305,8 @@ impl Engine {
         if !sharing.enabled && !spike.enabled {
             return;
         }
-        if !st.keys.contains_key(key) && st.keys.len() >= t.max_tracked {
+        // The length first: the lookup only matters when the table is full.
+        if st.keys.len() >= t.max_tracked && !st.keys.contains_key(key) {
             forget_idlest_keys(&mut st, t.max_tracked / 10);
         }
         let k = st.keys.entry(key.clone()).or_default();
@@ -444,7 +445,7 @@ fn prefix_state<'a>(
     prefix: IpNetwork,
     now_ms: u64,
 ) -> &'a mut PrefixState {
-    if !st.prefixes.contains_key(&prefix) && st.prefixes.len() >= t.max_tracked {
+    if st.prefixes.len() >= t.max_tracked && !st.prefixes.contains_key(&prefix) {
         forget_idlest_prefixes(st, t.max_tracked / 10);
     }
     let p = st.prefixes.entry(prefix).or_default();

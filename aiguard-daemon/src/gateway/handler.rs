@@ -89,12 +89,14 @@ async fn handle(gw: &Gateway, req: &mut Incoming<'_>) -> Reply {
         ),
         ClientAddressSource::ProxyProtocol => req.client,
     };
+    // One reading of the wall clock for the decisions up to the upstream.
+    let now = now_ms();
     let detection = &gw.detection;
-    if let Err(r) = challenge(gw, client_ip, &req.head.headers) {
-        detection.engine.answered(client_ip, 428, now_ms());
+    if let Err(r) = challenge(gw, client_ip, &req.head.headers, now) {
+        detection.engine.answered(client_ip, 428, now);
         return Reply::Answer(r);
     }
-    let reply = match proxy(gw, &policy, client_ip, req).await {
+    let reply = match proxy(gw, &policy, client_ip, req, now).await {
         Ok(relay) => Reply::Relay(relay),
         Err(answer) => Reply::Answer(answer),
     };
@@ -110,9 +112,8 @@ async fn handle(gw: &Gateway, req: &mut Incoming<'_>) -> Reply {
 /// [`crate::detect::challenge`]); others pass untouched.
 // The error is the answer itself, built only for a refused request.
 #[allow(clippy::result_large_err)]
-fn challenge(gw: &Gateway, ip: IpAddr, headers: &Headers) -> Result<(), Response<Bytes>> {
+fn challenge(gw: &Gateway, ip: IpAddr, headers: &Headers, now: u64) -> Result<(), Response<Bytes>> {
     let d = &gw.detection;
-    let now = now_ms();
     let Some(prefix) = d.engine.challenged(ip, now) else {
         return Ok(());
     };
@@ -497,6 +498,7 @@ async fn proxy(
     policy: &Policy,
     client_ip: IpAddr,
     req: &mut Incoming<'_>,
+    now: u64,
 ) -> Result<Relay, Response<Bytes>> {
     let s = &policy.settings;
     if matches!(req.head.method, http::Method::CONNECT | http::Method::TRACE) {
@@ -515,17 +517,17 @@ async fn proxy(
         return Err(r);
     }
     let engine = &gw.detection.engine;
-    let key: LiveKey = match presented_key(&req.head.headers) {
+    let key: Arc<LiveKey> = match presented_key(&req.head.headers) {
         Err(why) => {
             gw.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             gw.metrics.count(NO_TIER, Outcome::BadRequest);
-            engine.auth_failure(client_ip, None, now_ms());
+            engine.auth_failure(client_ip, None, now);
             return Err(answers::unauthorized(why));
         }
         Ok(None) => {
             gw.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
             gw.metrics.count(NO_TIER, Outcome::Unauthorized);
-            engine.auth_failure(client_ip, None, now_ms());
+            engine.auth_failure(client_ip, None, now);
             return Err(answers::unauthorized(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
             ));
@@ -535,7 +537,7 @@ async fn proxy(
             None => {
                 gw.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
                 gw.metrics.count(NO_TIER, Outcome::Unauthorized);
-                engine.auth_failure(client_ip, Some(secret), now_ms());
+                engine.auth_failure(client_ip, Some(secret), now);
                 debug!(client = %client_ip, "unknown or revoked API key");
                 return Err(answers::unauthorized(
                     "Incorrect API key provided. Check the key, or ask your administrator for a new one.",
@@ -543,7 +545,6 @@ async fn proxy(
             }
         },
     };
-    let now = now_ms();
     if key.suspended_at(now) {
         gw.counters.suspended.fetch_add(1, Ordering::Relaxed);
         gw.metrics.count(NO_TIER, Outcome::Suspended);
@@ -582,7 +583,7 @@ async fn proxy(
         .model
         .as_deref()
         .and_then(|m| tier.models.get(m).map(|l| (m, l)));
-    let today = Today::now();
+    let (today, month_left) = Today::at(now);
     let demand = Demand {
         tenant: &key.tenant,
         key: &key.id,
@@ -591,7 +592,7 @@ async fn proxy(
         tokens: inspected.reserve,
         min_tokens: inspected.prompt_tokens,
         month: today.month_index(),
-        month_left: today.month_left(),
+        month_left,
     };
     let on_failure = tier.on_store_failure;
     let admission = match gw.decider.admit(&gw.limiter, &demand, on_failure).await {

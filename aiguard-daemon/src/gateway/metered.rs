@@ -17,7 +17,7 @@ use super::http1::server::{Filter, Flow};
 use crate::{
     limits::Progress,
     tokens::Tokenizer,
-    usage::{Counts, Ledger, Today, UsageRecord},
+    usage::{Counts, Ledger, Usage},
 };
 
 /// JSON bodies larger than this are passed through but not parsed for usage (the estimate
@@ -63,18 +63,21 @@ impl Settlement {
         admission.settle(prompt + completion);
         self.tokens.prompt.inc_by(prompt);
         self.tokens.completion.inc_by(completion);
-        let record = UsageRecord {
-            day: Today::now().day(),
-            tenant: self.tenant.to_string(),
-            key: self.key_id.to_string(),
-            model: self.model.clone(),
-            counts: Counts {
-                requests: 1,
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-            },
+        let counts = Counts {
+            requests: 1,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
         };
-        if let Err(e) = self.ledger.record(record) {
+        let recorded = crate::usage::with_today(|day| {
+            self.ledger.record(Usage {
+                day,
+                tenant: &self.tenant,
+                key: &self.key_id,
+                model: &self.model,
+                counts,
+            })
+        });
+        if let Err(e) = recorded {
             error!(error = %e, tenant = %self.tenant, "recording usage failed: this request's tokens are counted in memory only");
         }
     }

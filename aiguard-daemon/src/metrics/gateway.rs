@@ -1,7 +1,13 @@
 //! The request path's metrics. Requests, tokens, in-flight requests and upstream latency are
 //! counted by the gateway as they happen (nothing else keeps them per tier); monthly quota use
 //! lives in the limiter and is read at scrape time.
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock, RwLock},
+    time::Instant,
+};
+
+use rustc_hash::FxHashMap;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
@@ -85,6 +91,17 @@ pub struct GatewayMetrics {
     in_flight: IntGauge,
     upstream_seconds: Histogram,
     queue_wait: HistogramVec,
+    /// Each tier's series, resolved once: a label lookup per request costs more than the
+    /// counting. Bounded by the configured tiers.
+    tiers: Arc<RwLock<FxHashMap<String, Arc<TierSeries>>>>,
+}
+
+/// One tier's request and token series. An outcome's series is made the first time it
+/// happens (or at start, for those [`GatewayMetrics::add_tiers`] shows from zero).
+#[derive(Debug)]
+struct TierSeries {
+    outcomes: [OnceLock<IntCounter>; Outcome::ALL.len()],
+    tokens: TierTokens,
 }
 
 /// Queue-wait buckets, seconds: 1 ms to 1 min (the longest `max_queue_wait` is an hour, but
@@ -159,6 +176,7 @@ impl GatewayMetrics {
             in_flight,
             upstream_seconds,
             queue_wait,
+            tiers: Arc::default(),
         };
         m.add_tiers(tiers);
         m
@@ -198,18 +216,39 @@ impl GatewayMetrics {
             .observe(since.elapsed().as_secs_f64());
     }
 
+    fn series(&self, tier: &str) -> Arc<TierSeries> {
+        if let Some(s) = self
+            .tiers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tier)
+        {
+            return s.clone();
+        }
+        let s = Arc::new(TierSeries {
+            outcomes: Default::default(),
+            tokens: TierTokens {
+                prompt: self.tokens.with_label_values(&[tier, "prompt"]),
+                completion: self.tokens.with_label_values(&[tier, "completion"]),
+            },
+        });
+        self.tiers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tier.to_owned())
+            .or_insert(s)
+            .clone()
+    }
+
     /// Counts how a request ended.
     pub fn count(&self, tier: &str, outcome: Outcome) {
-        self.requests
-            .with_label_values(&[tier, outcome.as_str()])
+        self.series(tier).outcomes[outcome as usize]
+            .get_or_init(|| self.requests.with_label_values(&[tier, outcome.as_str()]))
             .inc();
     }
 
     pub fn tier_tokens(&self, tier: &str) -> TierTokens {
-        TierTokens {
-            prompt: self.tokens.with_label_values(&[tier, "prompt"]),
-            completion: self.tokens.with_label_values(&[tier, "completion"]),
-        }
+        self.series(tier).tokens.clone()
     }
 
     pub fn in_flight(&self) -> InFlight {
@@ -447,5 +486,25 @@ mod tests {
         ] {
             assert!(p.lines().any(|l| l == line), "{line} missing from\n{p}");
         }
+    }
+
+    #[test]
+    fn outcomes_index_their_tiers_series_in_order() {
+        for (i, o) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(o as usize, i, "{o:?}");
+        }
+        let m = GatewayMetrics::new(["free"]);
+        m.count("free", Outcome::Allowed);
+        m.count("free", Outcome::Allowed);
+        m.count("brand-new", Outcome::RateLimited);
+        m.tier_tokens("free").prompt.inc_by(5);
+        assert_eq!(m.requests.with_label_values(&["free", "allowed"]).get(), 2);
+        assert_eq!(
+            m.requests
+                .with_label_values(&["brand-new", "rate_limited"])
+                .get(),
+            1
+        );
+        assert_eq!(m.tokens.with_label_values(&["free", "prompt"]).get(), 5);
     }
 }

@@ -12,7 +12,9 @@
 mod journal;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    cell::RefCell,
+    collections::BTreeMap,
+    fmt::Write as _,
     fs,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -20,6 +22,7 @@ use std::{
 };
 
 use journal::Segment;
+use rustc_hash::FxHashMap;
 
 use redb::{ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -45,6 +48,46 @@ impl Today {
         }
     }
 
+    /// The UTC day of `unix_ms`, and the time from then to the end of its month; the
+    /// calendar arithmetic is done once a day per thread.
+    pub fn at(unix_ms: u64) -> (Self, Duration) {
+        thread_local! {
+            static CACHED: RefCell<Option<(u64, Today, u64)>> = const { RefCell::new(None) };
+        }
+        const DAY_MS: u64 = 86_400_000;
+        let day = unix_ms / DAY_MS;
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            let (today, month_end_ms) = match *c {
+                Some((d, t, end)) if d == day => (t, end),
+                _ => {
+                    let at = OffsetDateTime::from_unix_timestamp((day * 86_400) as i64)
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                    let today = Today { date: at.date() };
+                    let end = today.month_end().unix_timestamp().max(0) as u64 * 1000;
+                    *c = Some((day, today, end));
+                    (today, end)
+                }
+            };
+            (
+                today,
+                Duration::from_millis(month_end_ms.saturating_sub(unix_ms)),
+            )
+        })
+    }
+
+    /// 00:00 UTC on the 1st of the next month.
+    fn month_end(&self) -> OffsetDateTime {
+        let (y, m) = match self.date.month() {
+            Month::December => (self.date.year() + 1, Month::January),
+            m => (self.date.year(), m.next()),
+        };
+        Date::from_calendar_date(y, m, 1)
+            .expect("the 1st exists")
+            .midnight()
+            .assume_utc()
+    }
+
     /// `YYYY-MM-DD`.
     pub fn day(&self) -> String {
         format!(
@@ -67,15 +110,7 @@ impl Today {
 
     /// From now until the month ends (00:00 UTC on the 1st of the next).
     pub fn month_left(&self) -> Duration {
-        let (y, m) = match self.date.month() {
-            Month::December => (self.date.year() + 1, Month::January),
-            m => (self.date.year(), m.next()),
-        };
-        let next = Date::from_calendar_date(y, m, 1)
-            .expect("the 1st exists")
-            .midnight()
-            .assume_utc();
-        let left = next - OffsetDateTime::now_utc();
+        let left = self.month_end() - OffsetDateTime::now_utc();
         Duration::try_from(left).unwrap_or_default()
     }
 }
@@ -134,11 +169,107 @@ pub struct UsageRecord {
 
 impl UsageRecord {
     fn row_key(&self) -> String {
-        format!(
+        let mut k = String::new();
+        self.as_usage().row_key_into(&mut k);
+        k
+    }
+
+    fn as_usage(&self) -> Usage<'_> {
+        Usage {
+            day: &self.day,
+            tenant: &self.tenant,
+            key: &self.key,
+            model: &self.model,
+            counts: self.counts,
+        }
+    }
+}
+
+/// One settled request, borrowed: what the gateway hands the ledger.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage<'a> {
+    /// `YYYY-MM-DD`, UTC (see [`with_today`]).
+    pub day: &'a str,
+    pub tenant: &'a str,
+    pub key: &'a str,
+    pub model: &'a str,
+    pub counts: Counts,
+}
+
+impl Usage<'_> {
+    fn row_key_into(&self, out: &mut String) {
+        out.clear();
+        let _ = write!(
+            out,
             "{}\t{}\t{}\t{}",
             self.day, self.tenant, self.key, self.model
-        )
+        );
     }
+
+    /// The journal line: the JSON a [`UsageRecord`] deserializes from, written directly.
+    fn journal_line(&self) -> Vec<u8> {
+        let mut line = Vec::with_capacity(
+            112 + self.day.len() + self.tenant.len() + self.key.len() + self.model.len(),
+        );
+        for (i, (name, value)) in [
+            ("day", self.day),
+            ("tenant", self.tenant),
+            ("key", self.key),
+            ("model", self.model),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            line.extend_from_slice(if i == 0 { b"{\"" } else { b",\"" });
+            line.extend_from_slice(name.as_bytes());
+            line.extend_from_slice(b"\":");
+            serde_json::to_writer(&mut line, value).expect("a string serializes");
+        }
+        let mut n = itoa::Buffer::new();
+        for (name, value) in [
+            ("requests", self.counts.requests),
+            ("prompt_tokens", self.counts.prompt_tokens),
+            ("completion_tokens", self.counts.completion_tokens),
+        ] {
+            line.extend_from_slice(b",\"");
+            line.extend_from_slice(name.as_bytes());
+            line.extend_from_slice(b"\":");
+            line.extend_from_slice(n.format(value).as_bytes());
+        }
+        line.extend_from_slice(b"}\n");
+        line
+    }
+
+    fn to_record(self) -> UsageRecord {
+        UsageRecord {
+            day: self.day.to_owned(),
+            tenant: self.tenant.to_owned(),
+            key: self.key.to_owned(),
+            model: self.model.to_owned(),
+            counts: self.counts,
+        }
+    }
+}
+
+/// Calls `f` with today's date (UTC) as `YYYY-MM-DD`, formatted once a day per thread.
+pub fn with_today<R>(f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        static TODAY: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let day = secs.div_euclid(86_400);
+    TODAY.with(|t| {
+        let mut t = t.borrow_mut();
+        if t.0 != day {
+            let date = OffsetDateTime::from_unix_timestamp(day * 86_400)
+                .map(|d| Today { date: d.date() })
+                .unwrap_or_else(|_| Today::now());
+            *t = (day, date.day());
+        }
+        f(&t.1)
+    })
 }
 
 /// A row of `aiguard usage`.
@@ -168,13 +299,16 @@ pub enum LedgerError {
     Store(#[from] StoreError),
 }
 
-type Batch = HashMap<String, (UsageRecord, Counts)>;
+type Batch = FxHashMap<String, (UsageRecord, Counts)>;
 
 struct Journal {
     segment: Segment,
     /// The oldest segment whose records are not in the store yet.
     first_unflushed: u64,
     pending: Batch,
+    /// Where a record's row key is built to look it up in `pending` (no allocation when the
+    /// row is there already).
+    row_key: String,
     /// A batch (of segments `first..=last`) whose commit failed: retried before the next one.
     retry: Option<(u64, u64, Batch)>,
 }
@@ -227,7 +361,7 @@ impl Ledger {
         }
         generations.sort_unstable();
         let mut report = ReplayReport::default();
-        let mut batch = Batch::new();
+        let mut batch = Batch::default();
         for &g in generations.iter().filter(|g| **g > applied) {
             let path = journal::path(dir, g);
             let bytes = journal::read(&path).map_err(journal_err(&path))?;
@@ -261,7 +395,8 @@ impl Ledger {
                 journal: Mutex::new(Journal {
                     segment,
                     first_unflushed: generation,
-                    pending: Batch::new(),
+                    pending: Batch::default(),
+                    row_key: String::new(),
                     retry: None,
                 }),
                 flushing: Mutex::new(()),
@@ -271,10 +406,9 @@ impl Ledger {
     }
 
     /// Records a settled request: journalled before this returns.
-    pub fn record(&self, record: UsageRecord) -> Result<(), LedgerError> {
-        let mut line = serde_json::to_vec(&record).expect("usage records serialize");
-        line.push(b'\n');
-        // A std mutex: a copy into the mapping, never an await.
+    pub fn record(&self, usage: Usage<'_>) -> Result<(), LedgerError> {
+        let line = usage.journal_line();
+        // A std mutex: a copy into the mapping and a map update, never an await.
         let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         if !j.segment.append(&line) {
             // Full: the next segment; the flusher commits every segment up to the current one.
@@ -288,7 +422,16 @@ impl Ledger {
                 });
             }
         }
-        merge(&mut j.pending, record);
+        let Journal {
+            pending, row_key, ..
+        } = &mut *j;
+        usage.row_key_into(row_key);
+        match pending.get_mut(row_key.as_str()) {
+            Some((_, counts)) => counts.add(&usage.counts),
+            None => {
+                pending.insert(row_key.clone(), (usage.to_record(), usage.counts));
+            }
+        }
         Ok(())
     }
 
@@ -448,6 +591,43 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_line_is_the_json_of_its_record_whatever_the_names_hold() {
+        let mut r = rec("2026-12-04", "ac\"me\\ \u{1}t", 9, 2);
+        r.model = "gpt-4o\nmini".into();
+        let line = r.as_usage().journal_line();
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert!(!line[..line.len() - 1].contains(&b'\n'), "one line");
+        let back: UsageRecord = serde_json::from_slice(&line).expect("decodes");
+        assert_eq!(back, r);
+        let mut serde_line = serde_json::to_vec(&r).expect("encodes");
+        serde_line.push(b'\n');
+        assert_eq!(line, serde_line, "the format journals always had");
+    }
+
+    #[test]
+    fn the_day_and_the_month_left_come_from_one_clock_reading() {
+        // 2026-12-31T23:59:59.500Z: half a second of December left.
+        let ms = 1_798_761_599_500;
+        let (today, left) = Today::at(ms);
+        assert_eq!(today.day(), "2026-12-31");
+        assert_eq!(left, Duration::from_millis(500));
+        // The next day, from the cache's point of view a new one.
+        let (today, left) = Today::at(ms + 1000);
+        assert_eq!(today.day(), "2027-01-01");
+        assert_eq!(
+            left,
+            Duration::from_secs(31 * 86_400) - Duration::from_millis(500)
+        );
+        let now = crate::bans::now_ms();
+        assert_eq!(Today::at(now).0, Today::now());
+    }
+
+    #[test]
+    fn today_is_the_utc_date() {
+        assert_eq!(with_today(str::to_owned), Today::now().day());
+    }
+
+    #[test]
     fn journal_survives_a_crash_and_is_applied_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
@@ -456,11 +636,11 @@ mod tests {
             let store = Store::open(&state).expect("store");
             let (ledger, _) = Ledger::open(store, &journal).expect("ledger");
             ledger
-                .record(rec("2026-12-01", "acme", 10, 5))
+                .record(rec("2026-12-01", "acme", 10, 5).as_usage())
                 .expect("record");
             ledger.flush().expect("flush");
             ledger
-                .record(rec("2026-12-02", "acme", 1, 1))
+                .record(rec("2026-12-02", "acme", 1, 1).as_usage())
                 .expect("record");
             // Dropped without a flush: as if killed. A torn line follows.
             let mut j = ledger.journal.lock().expect("lock");
@@ -507,7 +687,7 @@ mod tests {
                 Ledger::open(Store::open(&state).expect("store"), &journal).expect("ledger");
             for _ in 0..n {
                 ledger
-                    .record(rec("2026-12-01", "acme", 1, 1))
+                    .record(rec("2026-12-01", "acme", 1, 1).as_usage())
                     .expect("record");
             }
             assert!(ledger.journal.lock().expect("lock").segment.generation >= 3);
@@ -523,7 +703,7 @@ mod tests {
         // Rolled over again, then flushed: one commit takes every segment, and removes them.
         for _ in 0..n {
             ledger
-                .record(rec("2026-12-02", "acme", 1, 0))
+                .record(rec("2026-12-02", "acme", 1, 0).as_usage())
                 .expect("record");
         }
         ledger.flush().expect("flush");
