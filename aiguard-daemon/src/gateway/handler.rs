@@ -24,7 +24,7 @@ use crate::{
     limits::{Demand, Denial},
     metrics::{Outcome, gateway::NO_TIER},
     tiers::ClientAddressSource,
-    tokens,
+    tokens::{self, Shape},
     usage::Today,
 };
 
@@ -219,18 +219,14 @@ fn percent_decode(s: &str) -> String {
 
 /// A POST to a path the gateway does not know, whose JSON body is shaped like an inference
 /// request (another API's route, or a route alias of the upstream's): metered as that shape.
-fn api_of_body(body: &[u8]) -> Api {
-    if body.first() != Some(&b'{') {
-        return Api::Other;
-    }
-    let Ok(v) = serde_json::from_slice::<serde_json::Map<String, Value>>(body) else {
-        return Api::Other;
-    };
-    if v.contains_key("messages") {
+fn api_of_shape(shape: &Shape) -> Api {
+    if !shape.is_object {
+        Api::Other
+    } else if shape.has_messages {
         Api::Chat
-    } else if v.contains_key("prompt") {
+    } else if shape.has_prompt {
         Api::Completions
-    } else if v.contains_key("input") && v.contains_key("model") {
+    } else if shape.has_input && shape.has_model {
         Api::Responses
     } else {
         Api::Other
@@ -275,11 +271,40 @@ struct Inspected {
     flags: Vec<Arc<str>>,
 }
 
+/// Reads a body's shape (its tokens counted), off the async workers when it is large:
+/// tokenizing is the cost.
+async fn read_shape(gw: &Gateway, body: &Bytes) -> Result<Shape, Response<Bytes>> {
+    let tokenizer = gw.tokenizer;
+    let parsed = if body.len() > TOKENIZE_INLINE_BYTES {
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || tokenizer.shape(&body))
+            .await
+            .map_err(|_| {
+                answers::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The gateway failed to count the prompt.",
+                    "server_error",
+                    None,
+                )
+            })?
+    } else {
+        tokenizer.shape(body)
+    };
+    parsed.map_err(|e| {
+        answers::bad_request(&format!(
+            "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
+        ))
+    })
+}
+
+/// What a request will cost, and the body that goes upstream. `shape`: the body's, if it was
+/// read already.
 async fn inspect(
     gw: &Gateway,
     policy: &Policy,
     api: Api,
     body: Bytes,
+    shape: Option<Shape>,
 ) -> Result<Inspected, Response<Bytes>> {
     if api == Api::Other || body.is_empty() {
         return Ok(Inspected {
@@ -291,47 +316,44 @@ async fn inspect(
             flags: Vec::new(),
         });
     }
-    let json: Value = serde_json::from_slice(&body).map_err(|e| {
-        answers::bad_request(&format!(
-            "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
-        ))
-    })?;
-    if !json.is_object() {
+    let shape = match shape {
+        Some(s) => s,
+        None => read_shape(gw, &body).await?,
+    };
+    if !shape.is_object {
         return Err(answers::bad_request(
             "The request body must be a JSON object.",
         ));
     }
-    let flags = apply_prompt_rules(gw, &json)?;
-    let model = json
-        .get("model")
-        .and_then(Value::as_str)
-        .map(|m| m.chars().take(MAX_MODEL_LEN).collect::<String>());
-    let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let tokenizer = gw.tokenizer;
-    let (json, prompt_tokens) = if body.len() > TOKENIZE_INLINE_BYTES {
-        tokio::task::spawn_blocking(move || {
-            let n = tokenizer.prompt_tokens(&json);
-            (json, n)
-        })
-        .await
-        .map_err(|_| {
-            answers::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "The gateway failed to count the prompt.",
-                "server_error",
-                None,
-            )
-        })?
+    let stream = shape.stream.unwrap_or(false);
+    let wants_usage = shape.include_usage.unwrap_or(false);
+    // Ask a stream for its final usage chunk: without it the gateway could only estimate.
+    let ask_usage = stream && !wants_usage && matches!(api, Api::Chat | Api::Completions);
+    // The tree only when something needs it: prompt rules, or that rewrite.
+    let mut tree = if ask_usage || !gw.detection.prompt_rules().is_empty() {
+        Some(serde_json::from_slice::<Value>(&body).map_err(|e| {
+            answers::bad_request(&format!(
+                "We could not parse the JSON body of your request ({e})."
+            ))
+        })?)
     } else {
-        let n = tokenizer.prompt_tokens(&json);
-        (json, n)
+        None
     };
-    let mut json = json;
+    let flags = match &tree {
+        Some(json) => apply_prompt_rules(gw, json)?,
+        None => Vec::new(),
+    };
+    let model = shape
+        .model
+        .as_deref()
+        .map(|m| m.chars().take(MAX_MODEL_LEN).collect::<String>());
+    let prompt_tokens = shape.prompt_tokens;
     let completion = match api {
         Api::Embeddings => 0,
         _ => {
-            let per_choice =
-                tokens::max_completion_tokens(&json).unwrap_or(policy.settings.default_max_tokens);
+            let per_choice = shape
+                .max_completion_tokens()
+                .unwrap_or(policy.settings.default_max_tokens);
             if per_choice > tokens::MAX_COMPLETION_TOKENS {
                 return Err(answers::bad_request(&format!(
                     "max_tokens is {per_choice}; the most a request may ask for is {}.",
@@ -339,29 +361,23 @@ async fn inspect(
                 )));
             }
             // `n` (and `best_of`) choices each generate up to the limit.
-            let choices = ["n", "best_of"]
-                .iter()
-                .filter_map(|f| json.get(*f).and_then(Value::as_u64))
+            let choices = [shape.n, shape.best_of]
+                .into_iter()
+                .flatten()
                 .max()
                 .unwrap_or(1)
                 .clamp(1, 128);
             per_choice * choices
         }
     };
-    let wants_usage = json
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let mut body = body;
-    if stream && !wants_usage && matches!(api, Api::Chat | Api::Completions) {
-        // Ask for the final usage chunk: without it the gateway could only estimate.
-        let obj = json.as_object_mut().expect("checked above");
+    if ask_usage && let Some(obj) = tree.as_mut().and_then(Value::as_object_mut) {
         let opts = obj
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Default::default()));
         if let Some(o) = opts.as_object_mut() {
             o.insert("include_usage".into(), Value::Bool(true));
-            body = serde_json::to_vec(&json)
+            body = serde_json::to_vec(&obj)
                 .expect("a parsed body serializes")
                 .into();
         }
@@ -572,11 +588,24 @@ async fn proxy(
 
     let api = api_of(&req.head.method, req.head.path());
     let body = read_body(policy, req).await.map_err(refused)?;
+    let mut shape = None;
     let api = match api {
-        Api::Other if req.head.method == http::Method::POST => api_of_body(&body),
+        // Another route: metered by what its body looks like, if it is JSON at all.
+        Api::Other if req.head.method == http::Method::POST && body.first() == Some(&b'{') => {
+            match read_shape(gw, &body).await {
+                Ok(s) => {
+                    let api = api_of_shape(&s);
+                    shape = Some(s);
+                    api
+                }
+                Err(_) => Api::Other,
+            }
+        }
         known => known,
     };
-    let inspected = inspect(gw, policy, api, body).await.map_err(refused)?;
+    let inspected = inspect(gw, policy, api, body, shape)
+        .await
+        .map_err(refused)?;
 
     let tier = policy.tiers.tier(&key.tier);
     let model_limits = inspected
@@ -796,6 +825,8 @@ mod tests {
             Api::Other
         );
         // Unknown routes are metered by what the body looks like.
+        let t = crate::tokens::Tokenizer::load(crate::tiers::TokenizerName::O200kBase);
+        let api_of_body = |b: &[u8]| api_of_shape(&t.shape(b).expect("valid"));
         assert_eq!(api_of_body(br#"{"model":"m","messages":[]}"#), Api::Chat);
         assert_eq!(
             api_of_body(br#"{"model":"m","prompt":"hi"}"#),
@@ -805,6 +836,7 @@ mod tests {
             api_of_body(br#"{"model":"m","input":"hi"}"#),
             Api::Responses
         );
+        assert_eq!(api_of_body(br#"{"input":"no model"}"#), Api::Other);
         assert_eq!(api_of_body(b"[1]"), Api::Other);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
