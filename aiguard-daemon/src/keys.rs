@@ -70,8 +70,10 @@ struct Ring {
     records: Vec<KeyRecord>,
     /// Live keys by the first 8 bytes of their hash (already uniform: no hashing of its
     /// own); the full hash is compared in constant time. One allocation per key, shared by
-    /// the requests that carry it.
-    live: HashMap<u64, Vec<Arc<LiveKey>>, BuildHasherDefault<KeyBucketHasher>>,
+    /// the requests that carry it, reached straight from the table.
+    live: HashMap<u64, Arc<LiveKey>, BuildHasherDefault<KeyBucketHasher>>,
+    /// Keys whose first 8 bytes another key has already (about one in 2^64 pairs).
+    collided: Vec<Arc<LiveKey>>,
 }
 
 /// What a request carrying a valid key learns about it.
@@ -166,28 +168,36 @@ impl KeyRing {
     }
 
     fn rebuild(&self, records: Vec<KeyRecord>) {
-        let mut live: HashMap<u64, Vec<Arc<LiveKey>>, _> = HashMap::default();
+        let mut live: HashMap<u64, Arc<LiveKey>, _> = HashMap::default();
+        let mut collided = Vec::new();
         for r in records.iter().filter(|r| r.revoked_ms.is_none()) {
             let Some(h) = unhex(&r.sha256) else { continue };
-            live.entry(bucket(&h)).or_default().push(Arc::new(LiveKey {
+            let key = Arc::new(LiveKey {
                 hash: h,
                 id: r.id.as_str().into(),
                 tenant: r.tenant.as_str().into(),
                 tier: r.tier.as_str().into(),
                 suspended_until_ms: r.suspended_until_ms,
-            }));
+            });
+            if let Some(taken) = live.insert(bucket(&h), key) {
+                collided.push(taken);
+            }
         }
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Ring { records, live };
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Ring {
+            records,
+            live,
+            collided,
+        };
     }
 
     /// The live key `secret` is, if any.
     pub fn authenticate(&self, secret: &str) -> Option<Arc<LiveKey>> {
         let h = hash(secret);
         let ring = self.state.read().unwrap_or_else(|p| p.into_inner());
-        let candidates = ring.live.get(&bucket(&h))?;
+        let first = ring.live.get(&bucket(&h))?;
         // Compare every candidate (there is almost always one) without stopping early.
         let mut found = None;
-        for k in candidates {
+        for k in std::iter::once(first).chain(&ring.collided) {
             if bool::from(k.hash.ct_eq(&h)) {
                 found = Some(k.clone());
             }

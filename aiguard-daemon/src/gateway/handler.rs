@@ -719,15 +719,16 @@ async fn proxy(
         _slot: slot,
     };
 
-    let sent_at = std::time::Instant::now();
+    let sent_at = tokio::time::Instant::now();
     let to_head = req.head.is_head();
     let sent = req
         .within(
+            sent_at,
             s.upstream_response_timeout,
             gw.pool.send(up, &head, &inspected.body, to_head),
         )
         .await;
-    gw.metrics.observe_upstream(sent_at);
+    gw.metrics.observe_upstream(sent_at.into_std());
     let response = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

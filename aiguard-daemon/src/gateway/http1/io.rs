@@ -181,6 +181,31 @@ impl Deadline {
     }
 }
 
+impl Deadline {
+    /// Runs `work` until it finishes or the deadline `due()` gives passes; `due` is asked
+    /// (and the clock read) only if the work has to wait at all, which most work that may wait
+    /// does not.
+    pub async fn run_lazy<F: Future>(
+        &mut self,
+        due: impl FnOnce() -> Instant,
+        work: F,
+    ) -> Result<F::Output, Elapsed> {
+        let mut work = pin!(work);
+        let mut due = Some(due);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = work.as_mut().poll(cx) {
+                return Poll::Ready(Ok(v));
+            }
+            if let Some(due) = due.take() {
+                self.set(due());
+            }
+            ready!(self.poll_elapsed(cx));
+            Poll::Ready(Err(Elapsed))
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +289,24 @@ mod tests {
         // Work that finishes first wins; no deadline at all waits for the work.
         d.set_in(Duration::from_secs(5));
         assert_eq!(d.run(async { 7 }).await, Ok(7));
+        // Lazy: work that needs no waiting never reads the clock; work that waits gets the
+        // deadline from when it started waiting.
+        d.clear();
+        assert_eq!(
+            d.run_lazy(|| unreachable!("no wait"), async { 3 }).await,
+            Ok(3)
+        );
+        let started = Instant::now();
+        let r = d
+            .run_lazy(
+                || Instant::now() + Duration::from_millis(40),
+                std::future::pending::<()>(),
+            )
+            .await;
+        assert_eq!(
+            (r, started.elapsed()),
+            (Err(Elapsed), Duration::from_millis(40))
+        );
         d.clear();
         let slow = async {
             tokio::time::sleep(Duration::from_secs(100)).await;

@@ -183,9 +183,8 @@ impl Incoming<'_> {
                         wire::write_all(stream, &[b"HTTP/1.1 100 Continue\r\n\r\n"]).await?;
                     }
                     buf.reserve(n - buf.len());
-                    deadline.set_in(within);
                     deadline
-                        .run(async {
+                        .run_lazy(|| Instant::now() + within, async {
                             while buf.len() < n {
                                 if wire::read(stream, buf).await? == 0 {
                                     return Err(BodyError::Closed);
@@ -204,9 +203,8 @@ impl Incoming<'_> {
                 }
                 let mut decoder = ChunkedDecoder::default();
                 let mut body = BytesMut::new();
-                deadline.set_in(within);
                 deadline
-                    .run(async {
+                    .run_lazy(|| Instant::now() + within, async {
                         loop {
                             match decoder.decode(buf)? {
                                 Decoded::Data(piece) => {
@@ -233,13 +231,15 @@ impl Incoming<'_> {
         Ok(body)
     }
 
-    /// Runs `work` for at most `limit`, on the connection's timer (no timer of its own).
+    /// Runs `work` until `limit` after `start`, on the connection's timer (no timer of its
+    /// own).
     pub async fn within<F: Future>(
         &mut self,
+        start: Instant,
         limit: Duration,
         work: F,
     ) -> Result<F::Output, Elapsed> {
-        self.conn.deadline.set_in(limit);
+        self.conn.deadline.set(start + limit);
         self.conn.deadline.run(work).await
     }
 
@@ -273,9 +273,8 @@ pub async fn serve_connection<S: Service>(
         deadline: Deadline::default(),
         timeouts,
     };
-    let mut since = Instant::now();
     loop {
-        let head = match read_head(&mut conn, since, &mut shutdown).await {
+        let head = match read_head(&mut conn, &mut shutdown).await {
             Ok(Some(h)) => h,
             Ok(None) => return,
             Err(e) => {
@@ -318,7 +317,6 @@ pub async fn serve_connection<S: Service>(
             }
             return;
         }
-        since = Instant::now();
     }
 }
 
@@ -326,9 +324,10 @@ pub async fn serve_connection<S: Service>(
 /// too long, or shutting down between requests).
 async fn read_head(
     conn: &mut Client,
-    since: Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<RequestHead>, HeadError> {
+    // When the server started to wait for this head: read only if it has to wait.
+    let mut since = None;
     loop {
         if !conn.buf.is_empty()
             && let Some(h) = head::parse_request(&mut conn.buf)?
@@ -336,8 +335,10 @@ async fn read_head(
             return Ok(Some(h));
         }
         let t = conn.timeouts;
-        conn.deadline
-            .set((since + t.header_read).min(Instant::now() + t.idle));
+        let due = || {
+            let now = Instant::now();
+            (*since.get_or_insert(now) + t.header_read).min(now + t.idle)
+        };
         let Client {
             stream,
             buf,
@@ -350,7 +351,7 @@ async fn read_head(
                 return Ok(None);
             }
             deadline
-                .run(async {
+                .run_lazy(due, async {
                     tokio::select! {
                         biased;
                         r = wire::read(stream, buf) => Some(r),
@@ -360,7 +361,7 @@ async fn read_head(
                 .await
         } else {
             deadline
-                .run(async { Some(wire::read(stream, buf).await) })
+                .run_lazy(due, async { Some(wire::read(stream, buf).await) })
                 .await
         };
         match read {
@@ -385,9 +386,9 @@ async fn send(conn: &mut Client, parts: &[&[u8]]) -> io::Result<()> {
         timeouts,
         ..
     } = conn;
-    deadline.set_in(timeouts.idle);
+    let idle = timeouts.idle;
     deadline
-        .run(wire::write_all(stream, parts))
+        .run_lazy(|| Instant::now() + idle, wire::write_all(stream, parts))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
 }
