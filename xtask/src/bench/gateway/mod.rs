@@ -386,7 +386,7 @@ fn http_parts(
 
 /// Becomes the same command in an optimized build of xtask (`cargo xtask` builds it
 /// unoptimized): the fixed-rate generator shares the load CPU with the upstream, and
-/// unoptimized tokio and hyper cost several times the CPU per request and keep to the schedule
+/// unoptimized tokio costs several times the CPU per request and keeps to the schedule
 /// less well.
 fn run_optimized() -> Result<()> {
     let mut cmd = crate::cargo();

@@ -11,9 +11,15 @@
 //! moment it did. That time is the generator's wake-up and scheduling on a shared CPU, not the
 //! server's; it is reported separately (`lag`) so a run can show it stayed small.
 //!
-//! Pacing uses a `timerfd` armed at absolute due times (no slack, microsecond precision), not
-//! tokio's timer, whose millisecond ticks would send requests in bursts that queue in the server.
+//! Pacing uses a periodic `timerfd` ticking at the request interval (microsecond precision,
+//! no re-arming per request), not tokio's timer, whose millisecond ticks would send requests in
+//! bursts that queue in the server; each tick sends whatever the absolute schedule says is due.
 //! Everything runs on one thread pinned to the load CPU, in a current-thread runtime.
+//!
+//! The generator shares that CPU with the upstream, so it must cost little, or at half of a
+//! proxy's maximum rate it would fill the CPU and its own queueing would be the latency it
+//! measures: each connection writes prebuilt request bytes and reads the answer by its
+//! Content-Length on a raw socket, with no HTTP client machinery in between.
 
 use std::{
     io,
@@ -25,11 +31,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, header};
-use http_body_util::{BodyExt as _, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf as _, Bytes, BytesMut};
 use nix::{
     sched::{CpuSet, sched_setaffinity},
     sys::{
@@ -40,7 +42,12 @@ use nix::{
     unistd::Pid,
 };
 use serde::Serialize;
-use tokio::{io::unix::AsyncFd, net::TcpStream, sync::mpsc, task::JoinSet};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _, unix::AsyncFd},
+    net::TcpStream,
+    sync::mpsc,
+    task::JoinSet,
+};
 
 use super::chat;
 
@@ -151,15 +158,25 @@ struct Due {
     at_ns: u64,
 }
 
-async fn generate(plan: &Plan) -> Result<Outcome> {
-    let authorizations: Arc<[HeaderValue]> = plan
-        .keys
+/// The bytes of the request with each key: the same request the probe and wrk send.
+fn requests(plan: &Plan) -> Arc<[Bytes]> {
+    plan.keys
         .iter()
-        .map(|key| HeaderValue::try_from(format!("Bearer {key}")))
-        .collect::<Result<_, _>>()
-        .context("a key that is not a header value")?;
-    let host = HeaderValue::try_from(plan.addr.to_string()).context("host header")?;
+        .map(|key| {
+            Bytes::from(format!(
+                "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+                 Authorization: Bearer {key}\r\nContent-Length: {len}\r\n\r\n{body}",
+                path = chat::PATH,
+                host = plan.addr,
+                len = chat::REQUEST_BODY.len(),
+                body = chat::REQUEST_BODY,
+            ))
+        })
+        .collect()
+}
 
+async fn generate(plan: &Plan) -> Result<Outcome> {
+    let requests = requests(plan);
     let total = ((plan.warmup + plan.window).as_secs_f64() * plan.rate).round() as u64;
     let warmup = (plan.warmup.as_secs_f64() * plan.rate).round() as u64;
     let mut lanes = Vec::with_capacity(plan.connections);
@@ -169,29 +186,30 @@ async fn generate(plan: &Plan) -> Result<Outcome> {
             .await
             .with_context(|| format!("connecting to {}", plan.addr))?;
         stream.set_nodelay(true).context("TCP_NODELAY")?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .context("HTTP/1.1 handshake")?;
-        // Ends when the sender is dropped, or with the connection.
-        tokio::spawn(connection);
         let (lane, due) = mpsc::unbounded_channel();
         lanes.push(lane);
         let lane = Lane {
-            sender,
+            stream,
+            buf: BytesMut::with_capacity(8 << 10),
             due,
-            authorizations: authorizations.clone(),
-            host: host.clone(),
+            requests: requests.clone(),
             counted_from: warmup,
         };
         tasks.spawn(lane.serve());
     }
 
-    let timer = Timer::new().context("creating a timerfd")?;
     let start = now_ns()? + LEAD_IN.as_nanos() as u64;
     let due_at = |index: u64| start + (index as f64 * 1e9 / plan.rate) as u64;
+    let timer = Timer::new().context("creating a timerfd")?;
+    timer
+        .tick_from(
+            start,
+            Duration::from_nanos((1e9 / plan.rate).max(1.0) as u64),
+        )
+        .context("arming the timerfd")?;
     let mut next = 0;
     'pacing: while next < total {
-        timer.sleep_until(due_at(next)).await.context("timerfd")?;
+        timer.tick().await.context("timerfd")?;
         let now = now_ns()?;
         // Everything due by now goes out, late or not: the schedule never slips.
         while next < total && due_at(next) <= now {
@@ -254,10 +272,11 @@ async fn generate(plan: &Plan) -> Result<Outcome> {
 
 /// One kept-alive connection and the requests dealt to it.
 struct Lane {
-    sender: SendRequest<Full<Bytes>>,
+    stream: TcpStream,
+    /// What has been read of the answers.
+    buf: BytesMut,
     due: mpsc::UnboundedReceiver<Due>,
-    authorizations: Arc<[HeaderValue]>,
-    host: HeaderValue,
+    requests: Arc<[Bytes]>,
     counted_from: u64,
 }
 
@@ -277,22 +296,11 @@ impl Lane {
         let mut tally = Tally::default();
         let mut previous_answer_ns = 0;
         while let Some(due) = self.due.recv().await {
-            let key = (due.index % self.authorizations.len() as u64) as usize;
-            let request = Request::builder()
-                .method(Method::POST)
-                .uri(chat::PATH)
-                .header(header::HOST, self.host.clone())
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(header::AUTHORIZATION, self.authorizations[key].clone())
-                .body(Full::new(Bytes::from_static(chat::REQUEST_BODY.as_bytes())))
-                .context("building a request")?;
-            self.sender.ready().await.context("the connection closed")?;
+            let request = self.requests[(due.index % self.requests.len() as u64) as usize].clone();
             let sent_ns = now_ns()?;
             let status = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let response = self.sender.send_request(request).await?;
-                let status = response.status();
-                response.into_body().collect().await?;
-                Ok::<_, hyper::Error>(status)
+                self.stream.write_all(&request).await?;
+                self.answer().await
             })
             .await
             .with_context(|| format!("no answer within {REQUEST_TIMEOUT:?}"))?
@@ -300,7 +308,7 @@ impl Lane {
             let answered_ns = now_ns()?;
 
             tally.sent += 1;
-            match status.as_u16() {
+            match status {
                 200..=299 => tally.ok += 1,
                 429 => tally.rate_limited += 1,
                 _ => tally.other_status += 1,
@@ -319,6 +327,44 @@ impl Lane {
             }
         }
         Ok(tally)
+    }
+
+    /// Reads one answer (its head, then its Content-Length of body); returns its status.
+    async fn answer(&mut self) -> Result<u16> {
+        let (status, head_len, body_len) = loop {
+            let mut fields = [httparse::EMPTY_HEADER; 32];
+            let mut head = httparse::Response::new(&mut fields);
+            match head.parse(&self.buf).context("an invalid response head")? {
+                httparse::Status::Complete(len) => {
+                    let length = head
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| {
+                            std::str::from_utf8(h.value)
+                                .ok()?
+                                .trim()
+                                .parse::<usize>()
+                                .ok()
+                        })
+                        .context("an answer without Content-Length (every leg frames by length)")?;
+                    break (head.code.unwrap_or(0), len, length);
+                }
+                httparse::Status::Partial => self.fill().await?,
+            }
+        };
+        while self.buf.len() < head_len + body_len {
+            self.fill().await?;
+        }
+        self.buf.advance(head_len + body_len);
+        Ok(status)
+    }
+
+    async fn fill(&mut self) -> Result<()> {
+        if self.stream.read_buf(&mut self.buf).await? == 0 {
+            bail!("the server closed the connection mid-answer");
+        }
+        Ok(())
     }
 }
 
@@ -358,13 +404,18 @@ impl Timer {
         Ok(Self(registered.map_err(io::Error::from)?))
     }
 
-    /// Returns at `at_ns` (CLOCK_MONOTONIC), at once if that has passed.
-    async fn sleep_until(&self, at_ns: u64) -> io::Result<()> {
-        let at = TimeSpec::from_duration(Duration::from_nanos(at_ns));
+    /// Ticks every `every` from `first_ns` (CLOCK_MONOTONIC) on.
+    fn tick_from(&self, first_ns: u64, every: Duration) -> io::Result<()> {
+        let first = TimeSpec::from_duration(Duration::from_nanos(first_ns));
         self.0.get_ref().0.set(
-            Expiration::OneShot(at),
+            Expiration::IntervalDelayed(first, TimeSpec::from_duration(every)),
             TimerSetTimeFlags::TFD_TIMER_ABSTIME,
         )?;
+        Ok(())
+    }
+
+    /// Returns at the next tick (at once if one has passed since the last call).
+    async fn tick(&self) -> io::Result<()> {
         loop {
             let mut ready = self.0.readable().await?;
             // Reading the expiry count disarms the readiness; EAGAIN means a stale wake-up.
@@ -403,18 +454,19 @@ mod tests {
     }
 
     #[test]
-    fn timer_waits_until_the_absolute_time() {
+    fn the_timer_ticks_from_its_first_time_at_its_interval() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
             let timer = Timer::new().unwrap();
-            let at = now_ns().unwrap() + 2_000_000;
-            timer.sleep_until(at).await.unwrap();
-            assert!(now_ns().unwrap() >= at);
-            // A time in the past returns at once.
-            timer.sleep_until(at).await.unwrap();
+            let first = now_ns().unwrap() + 2_000_000;
+            timer.tick_from(first, Duration::from_millis(3)).unwrap();
+            timer.tick().await.unwrap();
+            assert!(now_ns().unwrap() >= first);
+            timer.tick().await.unwrap();
+            assert!(now_ns().unwrap() >= first + 3_000_000);
         });
     }
 }
