@@ -710,3 +710,205 @@ async fn scripts_flushed_from_redis_mid_run_are_loaded_again_without_a_fallback(
     assert_eq!(status.retries_pending, 0, "{status:?}");
     g.stop().await;
 }
+
+/// Leases a level's set in Redis still holds (a settled one is scored 0 or gone).
+fn live_leases(redis: &RedisServer, set: &str) -> u64 {
+    redis
+        .cli(&["ZCOUNT", &format!("test:{set}"), "1", "+inf"])
+        .parse()
+        .expect("ZCOUNT answers a number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settlement_rides_with_the_next_admission_or_goes_alone_when_none_comes() {
+    if !need_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut settings = store_settings(&redis.url(), "node-0", Duration::from_secs(60));
+    settings.settle_delay = Duration::from_secs(1);
+    let node = SharedNode::open(&settings, dir.path()).await;
+    let shared = node.shared.clone();
+    let key = Arc::<str>::from("key-1");
+    // 60,000 tokens a minute: one a millisecond comes back, so the refund shows in the
+    // remaining tokens however long a step takes.
+    let policy = TenantPolicy {
+        tenant: Limits {
+            tokens_per_minute: Some(60_000),
+            max_concurrent: Some(100),
+            ..Limits::default()
+        },
+        per_key: Limits {
+            requests_per_minute: Some(3),
+            ..Limits::default()
+        },
+        monthly_tokens: Some(1_000_000),
+        quota: QuotaEnforcement::Hard,
+    };
+    let admit = async |tokens| {
+        shared
+            .admit(&demand("acme", &key, &policy, tokens))
+            .await
+            .expect("Redis decides")
+    };
+    let tokens_left = |a: &aiguard_daemon::shared::limits::SharedAdmission| {
+        a.headers.tokens.expect("a tokens/minute limit").remaining
+    };
+
+    // Settled: it waits on the node, Redis still holds its reservation and its lease.
+    let first = admit(1_000).await.expect("admitted");
+    first.settle(300);
+    assert_eq!(shared.parked_pending(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(month_counter(&redis, "acme"), 1_000, "not sent alone");
+    assert_eq!(live_leases(&redis, "{acme}:c:t"), 1);
+
+    // The next admission carries it: 700 tokens back to the month and the minute, the lease
+    // freed, all in the one call.
+    let second = admit(1_000).await.expect("admitted");
+    assert_eq!(shared.parked_pending(), 0);
+    assert_eq!(month_counter(&redis, "acme"), 300 + 1_000);
+    assert_eq!(
+        live_leases(&redis, "{acme}:c:t"),
+        1,
+        "the first's lease freed"
+    );
+    let left = tokens_left(&second);
+    assert!(
+        (58_700..58_700 + 1_000).contains(&left),
+        "{left} tokens left: 60,000 less 300 used and 1,000 reserved (plus what came back \
+         since); without the refund it would be under 58,000 + that"
+    );
+
+    // No admission comes: it goes alone once settle_delay has passed.
+    second.settle(200);
+    assert_eq!(shared.parked_pending(), 1);
+    wait_until(
+        "the settlement went alone",
+        Duration::from_secs(3),
+        async || shared.parked_pending() == 0 && month_counter(&redis, "acme") == 500,
+    )
+    .await;
+    assert_eq!(live_leases(&redis, "{acme}:c:t"), 0);
+    assert_eq!(shared.retries_pending(), 0);
+
+    // A refused admission still applies what it carried: the key's fourth request this
+    // minute is refused, the third's settlement rides with it.
+    let third = admit(1_000).await.expect("admitted");
+    third.settle(100);
+    let refused = admit(1_000).await.err().expect("3 requests a minute");
+    assert!(
+        matches!(refused, aiguard_daemon::limits::Denial::Requests { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(shared.parked_pending(), 0);
+    assert_eq!(
+        month_counter(&redis, "acme"),
+        600,
+        "refused, but 100 settled"
+    );
+    assert_eq!(live_leases(&redis, "{acme}:c:t"), 0);
+
+    // An admission that times out (Redis hung) may or may not have run: what it carried is
+    // retried alone, and counted once either way; its own reservation is cancelled.
+    let other = Arc::<str>::from("key-2");
+    let fifth = shared
+        .admit(&demand("acme", &other, &policy, 1_000))
+        .await
+        .expect("Redis decides")
+        .expect("admitted");
+    fifth.settle(50);
+    assert_eq!(shared.parked_pending(), 1);
+    redis.pause();
+    let e = shared
+        .admit(&demand("acme", &other, &policy, 1_000))
+        .await
+        .err()
+        .expect("Redis is hung");
+    assert_eq!(shared.parked_pending(), 0, "{e}");
+    assert_eq!(
+        shared.retries_pending(),
+        2,
+        "the carried one, and the cancellation"
+    );
+    redis.resume();
+    wait_until(
+        "the retries went through",
+        Duration::from_secs(10),
+        async || shared.health.is_up() && shared.retries_pending() == 0,
+    )
+    .await;
+    assert_eq!(
+        month_counter(&redis, "acme"),
+        650,
+        "50 once, the cancelled one not"
+    );
+    assert_eq!(live_leases(&redis, "{acme}:c:t"), 0);
+    let status = shared.status();
+    assert_eq!(status.recoveries, 1, "{status:?}");
+    assert_eq!(status.settlements_carried, 2, "the first's and the third's");
+    assert_eq!(status.settlements_waiting, 0, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settlement_holding_a_scarce_slot_or_left_at_shutdown_is_not_kept_waiting() {
+    if !need_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut settings = store_settings(&redis.url(), "node-0", Duration::from_secs(60));
+    settings.settle_delay = Duration::from_secs(1);
+    let store = Store::open(dir.path()).expect("embedded store");
+    let shared = Shared::open(&settings, store).await.expect("shared store");
+    let (shutdown, rx) = watch::channel(false);
+    let maintain = tokio::spawn(shared.clone().maintain(rx));
+    let key = Arc::<str>::from("key-1");
+    // One request at a time per key: its settlement frees the slot at once, long before
+    // settle_delay.
+    let policy = TenantPolicy {
+        tenant: Limits::default(),
+        per_key: Limits {
+            max_concurrent: Some(1),
+            ..Limits::default()
+        },
+        monthly_tokens: None,
+        quota: QuotaEnforcement::Hard,
+    };
+    let started = Instant::now();
+    for used in [10, 20, 30] {
+        let a = shared
+            .admit(&demand("acme", &key, &policy, 100))
+            .await
+            .expect("Redis decides")
+            .expect("admitted: the last one's slot is free");
+        a.settle(used);
+        assert_eq!(shared.parked_pending(), 0, "sent at once");
+        wait_until("the slot is free", Duration::from_millis(500), async || {
+            live_leases(&redis, "{acme}:c:k:key-1") == 0
+        })
+        .await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(month_counter(&redis, "acme"), 60);
+
+    // Parked at shutdown: written to Redis before the loop ends.
+    let other = Arc::<str>::from("key-2");
+    let loose = TenantPolicy {
+        per_key: Limits::default(),
+        ..policy
+    };
+    let a = shared
+        .admit(&demand("acme", &other, &loose, 100))
+        .await
+        .expect("Redis decides")
+        .expect("admitted");
+    a.settle(40);
+    assert_eq!(shared.parked_pending(), 1);
+    shutdown.send_replace(true);
+    maintain.await.expect("the loop ends");
+    assert_eq!(shared.parked_pending(), 0);
+    assert_eq!(shared.retries_pending(), 0);
+    assert_eq!(month_counter(&redis, "acme"), 100, "40 written at shutdown");
+}

@@ -622,6 +622,10 @@ fn print_status(s: &StatusReport) {
             "  errors: {}   timeouts: {}   decisions without it: {}   tokens to write back: {}   bans replicated here: {}",
             sh.errors, sh.timeouts, sh.fallbacks, sh.outbox_tokens, sh.bans_replicated
         );
+        println!(
+            "  settlements carried by an admission: {}   waiting for one: {}   waiting for Redis: {}",
+            sh.settlements_carried, sh.settlements_waiting, sh.retries_pending
+        );
         if let (false, Some(e)) = (sh.up, &sh.last_error) {
             println!("  last error: {e}");
         }

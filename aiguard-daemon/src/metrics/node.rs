@@ -81,6 +81,17 @@ const STORE_OPERATIONS: Spec = Spec::new(
     "Operations sent to the shared store (decisions, settlements, write-backs, replication).",
     &[],
 );
+const STORE_CARRIED: Spec = Spec::new(
+    "aiguard_store_settlements_carried_total",
+    "Settlements that rode with the next admission of their tenant, key and model instead of \
+     a call of their own.",
+    &[],
+);
+const STORE_WAITING: Spec = Spec::new(
+    "aiguard_store_settlements_waiting",
+    "Settlements waiting on this node (at most store.settle_delay) for an admission to carry them.",
+    &[],
+);
 const STORE_OUTBOX: Spec = Spec::new(
     "aiguard_store_outbox_tokens",
     "Tokens counted while the shared store was out of reach, not yet written back.",
@@ -92,7 +103,7 @@ const STORE_REPLICATED: Spec = Spec::new(
     &[],
 );
 
-const ALL: [Spec; 12] = [
+const ALL: [Spec; 14] = [
     PACKETS,
     SHADOW,
     BANS,
@@ -103,6 +114,8 @@ const ALL: [Spec; 12] = [
     STORE_OUTAGES,
     STORE_RECOVERIES,
     STORE_OPERATIONS,
+    STORE_CARRIED,
+    STORE_WAITING,
     STORE_OUTBOX,
     STORE_REPLICATED,
 ];
@@ -197,6 +210,14 @@ pub fn store_families(s: &SharedStatus) -> Vec<MetricFamily> {
     recoveries.with_label_values(NO_LABELS).inc_by(s.recoveries);
     let operations = STORE_OPERATIONS.counters();
     operations.with_label_values(NO_LABELS).inc_by(s.operations);
+    let carried = STORE_CARRIED.counters();
+    carried
+        .with_label_values(NO_LABELS)
+        .inc_by(s.settlements_carried);
+    let waiting = STORE_WAITING.gauges();
+    waiting
+        .with_label_values(NO_LABELS)
+        .set(s.settlements_waiting as f64);
     let outbox = STORE_OUTBOX.gauges();
     outbox
         .with_label_values(NO_LABELS)
@@ -211,6 +232,8 @@ pub fn store_families(s: &SharedStatus) -> Vec<MetricFamily> {
     out.extend(families::collect(&outages));
     out.extend(families::collect(&recoveries));
     out.extend(families::collect(&operations));
+    out.extend(families::collect(&carried));
+    out.extend(families::collect(&waiting));
     out.extend(families::collect(&outbox));
     out.extend(families::collect(&replicated));
     out
@@ -430,6 +453,8 @@ mod tests {
             recoveries: 2,
             outbox_tokens: 120,
             retries_pending: 0,
+            settlements_carried: 7,
+            settlements_waiting: 3,
             bans_replicated: 11,
         };
         let p = text(&store_families(&s));
@@ -441,6 +466,8 @@ mod tests {
         has(&p, "aiguard_store_recoveries_total 2");
         has(&p, "aiguard_store_operations_total 40");
         has(&p, "aiguard_store_outbox_tokens 120");
+        has(&p, "aiguard_store_settlements_carried_total 7");
+        has(&p, "aiguard_store_settlements_waiting 3");
         has(&p, "aiguard_store_bans_replicated_total 11");
         assert!(!p.contains("connection refused"), "no free text in labels");
     }

@@ -11,7 +11,7 @@
 //! reservation is still in it. Each settlement leaves a mark for `store.lease`, so a retry of
 //! one that ran (its answer lost) does nothing.
 use std::{
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -44,6 +44,11 @@ pub struct SharedAdmission {
     quota: QuotaEnforcement,
     pub headers: RateHeaders,
     settled: bool,
+    /// Its levels' and month's keys: what a later admission must share to carry its settlement.
+    ride: String,
+    /// A level's leases were over half its cap at admission: its settlement frees the slot at
+    /// once instead of waiting to ride.
+    tight: bool,
 }
 
 fn level_args(limits: &Limits) -> [u64; 4] {
@@ -83,13 +88,18 @@ impl Shared {
             keys.push(self.tenant_key(d.tenant, &format!("c:{name}")));
         }
         keys.push(self.month_key(d.tenant, &month));
+        let ride = keys.join("\n");
+        let carried = self.take_parked(&ride);
         let lease = self.lease_id();
         keys.push(self.tenant_key(d.tenant, &format!("r:{lease}")));
         let gone = super::month_gone_ms(&month).unwrap_or(0);
         let lease_ms = self.settings().lease.as_millis() as u64;
 
         let mut inv = self.scripts.admit.prepare_invoke();
-        for k in &keys {
+        for k in keys
+            .iter()
+            .chain(carried.iter().filter_map(|c| c.keys.last()))
+        {
             inv.key(k);
         }
         let levels_admitted: Vec<(u64, u64)> = levels
@@ -113,6 +123,14 @@ impl Shared {
                 inv.arg(a);
             }
         }
+        inv.arg(carried.len());
+        for c in &carried {
+            inv.arg(&c.lease)
+                .arg(c.reserved)
+                .arg(c.used)
+                .arg(c.delta)
+                .arg(c.level_mask());
+        }
         let sent = Instant::now();
         let reply: Vec<i64> = match self
             .run(
@@ -123,6 +141,10 @@ impl Shared {
         {
             Ok(r) => r,
             Err(e) => {
+                // The settlements it carried may have run: each goes alone, as a retry.
+                for c in carried {
+                    self.queue(c.sent_at(sent, &e));
+                }
                 // Sent, perhaps run (or to run, once a hung Redis resumes): cancel it, so a
                 // request the node refused or served without Redis is not charged there too.
                 if e != StoreFailure::Down {
@@ -146,6 +168,11 @@ impl Shared {
                 return Err(e);
             }
         };
+        // Answered: what it carried was applied, whatever the answer.
+        if !carried.is_empty() {
+            self.settlements_carried
+                .fetch_add(carried.len() as u64, Ordering::Relaxed);
+        }
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         let level = |i: usize| LEVELS[(at(i) as usize).clamp(1, 3) - 1];
         let us = |i: usize| Duration::from_micros(at(i));
@@ -222,6 +249,8 @@ impl Shared {
             quota: d.policy.quota,
             headers,
             settled: false,
+            ride,
+            tight: reply.get(9) == Some(&1),
         }))
     }
 }
@@ -297,18 +326,19 @@ impl SharedAdmission {
             return;
         }
         self.settled = true;
-        let mut call = self.call(used);
-        let shared = self.shared.clone();
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            shared.queue(call);
+        let call = self.call(used);
+        // It waits to ride with the next admission of its tenant, key and model, unless it
+        // holds a slot others may need soon or it charges more than admission did (that usage
+        // is not left in memory to wait).
+        if !self.tight
+            && call.delta <= 0
+            && !self.shared.settings().settle_delay.is_zero()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            self.shared.park(std::mem::take(&mut self.ride), call);
             return;
-        };
-        rt.spawn(async move {
-            if let Err(e) = shared.settle_call(&mut call).await {
-                debug!(error = %e, tenant = %call.tenant, "settlement queued for retry");
-                shared.queue(call);
-            }
-        });
+        }
+        self.shared.send_settlements(vec![call]);
     }
 }
 
@@ -333,10 +363,29 @@ pub struct SettleCall {
     refusals: u32,
 }
 
+/// A settlement waiting for an admission to carry it.
+pub(super) struct Parked {
+    call: SettleCall,
+    since: Instant,
+}
+
+/// Most settlements one admission carries (each adds a key and five arguments).
+const MAX_CARRIED: usize = 8;
+
 /// Tries of a settlement that Redis refuses (answers with an error) before it is given up.
 const MAX_REFUSALS: u32 = 10;
 
 impl SettleCall {
+    /// For an admission that carries it: bit i-1 when it holds a lease at level i, bit i+2 when
+    /// its tokens were charged there.
+    fn level_mask(&self) -> u64 {
+        self.levels
+            .iter()
+            .enumerate()
+            .map(|(i, (tpm, maxc))| u64::from(*maxc != 0) << i | u64::from(*tpm != 0) << (i + 3))
+            .sum()
+    }
+
     /// Notes a try sent at `sent` that failed with `e`.
     fn sent_at(mut self, sent: Instant, e: &StoreFailure) -> Self {
         self.failed(sent, e);
@@ -409,7 +458,84 @@ impl Shared {
         done
     }
 
-    fn queue(&self, call: SettleCall) {
+    /// Runs settlements in the background, each alone; what Redis does not take is queued
+    /// for retry.
+    pub(super) fn send_settlements(self: &Arc<Self>, calls: Vec<SettleCall>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            for call in calls {
+                self.queue(call);
+            }
+            return;
+        };
+        for mut call in calls {
+            let shared = self.clone();
+            rt.spawn(async move {
+                if let Err(e) = shared.settle_call(&mut call).await {
+                    debug!(error = %e, tenant = %call.tenant, "settlement queued for retry");
+                    shared.queue(call);
+                }
+            });
+        }
+    }
+
+    /// Leaves a settlement for the next admission of the same tenant, key and model (`ride`:
+    /// their keys) to carry, for at most `store.settle_delay`.
+    fn park(&self, ride: String, call: SettleCall) {
+        self.parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ride)
+            .or_default()
+            .push(Parked {
+                call,
+                since: Instant::now(),
+            });
+    }
+
+    /// The settlements an admission with these keys carries (the oldest, at most
+    /// [`MAX_CARRIED`]).
+    fn take_parked(&self, ride: &str) -> Vec<SettleCall> {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(waiting) = parked.get_mut(ride) else {
+            return Vec::new();
+        };
+        let n = waiting.len().min(MAX_CARRIED);
+        let taken = waiting.drain(..n).map(|p| p.call).collect();
+        if waiting.is_empty() {
+            parked.remove(ride);
+        }
+        taken
+    }
+
+    /// Settlements that waited `store.settle_delay` without an admission to carry them (all of
+    /// them with `all`), taken out to go alone.
+    pub(super) fn take_overdue(&self, all: bool) -> Vec<SettleCall> {
+        let delay = self.settings().settle_delay;
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut overdue = Vec::new();
+        parked.retain(|_, waiting| {
+            // Oldest first: the overdue ones lead.
+            let n = waiting
+                .iter()
+                .take_while(|p| all || p.since.elapsed() >= delay)
+                .count();
+            overdue.extend(waiting.drain(..n).map(|p| p.call));
+            !waiting.is_empty()
+        });
+        overdue
+    }
+
+    /// Settlements waiting to ride with an admission.
+    pub fn parked_pending(&self) -> usize {
+        self.parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    pub(super) fn queue(&self, call: SettleCall) {
         self.retries
             .lock()
             .unwrap_or_else(|p| p.into_inner())

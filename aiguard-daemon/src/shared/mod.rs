@@ -23,6 +23,7 @@ pub mod settings;
 pub mod tls;
 
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{
         Arc, Mutex, RwLock,
@@ -130,6 +131,12 @@ pub struct SharedStatus {
     pub outbox_tokens: i64,
     /// Settlements and cancellations waiting for Redis.
     pub retries_pending: u64,
+    /// Settlements that rode with an admission instead of a call of their own.
+    #[serde(default)]
+    pub settlements_carried: u64,
+    /// Settlements waiting on this node for an admission to carry them.
+    #[serde(default)]
+    pub settlements_waiting: u64,
     pub bans_replicated: u64,
 }
 
@@ -194,9 +201,14 @@ pub struct Shared {
     /// Bumped on every (re)connection, so that ban replication resyncs.
     connected: watch::Sender<u64>,
     pub bans_replicated: AtomicU64,
+    /// Settlements that rode with an admission.
+    settlements_carried: AtomicU64,
     pending_unbans: bans::PendingUnbans,
     /// Settlements and cancellations Redis has not taken yet.
     retries: Mutex<Vec<limits::SettleCall>>,
+    /// Settlements waiting to ride with the next admission of their tenant, key and model,
+    /// by those keys.
+    parked: Mutex<HashMap<String, Vec<limits::Parked>>>,
 }
 
 impl Shared {
@@ -217,8 +229,10 @@ impl Shared {
             lease_seq: AtomicU64::new(0),
             connected: watch::channel(0).0,
             bans_replicated: AtomicU64::new(0),
+            settlements_carried: AtomicU64::new(0),
             pending_unbans,
             retries: Mutex::new(Vec::new()),
+            parked: Mutex::new(HashMap::new()),
         });
         // A client for every URL now, so that a malformed one fails the start, not a probe.
         shared.client_config_check()?;
@@ -409,9 +423,21 @@ impl Shared {
     pub async fn maintain(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.settings.retry_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Settlements that found no admission to ride with go alone within a quarter of
+        // their delay past it.
+        let mut overdue =
+            tokio::time::interval((self.settings.settle_delay / 4).max(Duration::from_millis(5)));
+        overdue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
+                _ = overdue.tick() => {
+                    let calls = self.take_overdue(false);
+                    if !calls.is_empty() {
+                        self.send_settlements(calls);
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             if self.health.is_up() {
@@ -451,6 +477,9 @@ impl Shared {
             self.connected.send_modify(|n| *n += 1);
         }
         // Last chance: written back now, or (the outbox) kept on disk for the next start.
+        for call in self.take_overdue(true) {
+            self.queue(call);
+        }
         if self.health.is_up() {
             self.run_retries().await;
             if !self.outbox.is_empty() {
@@ -553,6 +582,8 @@ impl Shared {
             recoveries: h.recoveries.load(Ordering::Relaxed),
             outbox_tokens: self.outbox.total(),
             retries_pending: self.retries_pending() as u64,
+            settlements_carried: self.settlements_carried.load(Ordering::Relaxed),
+            settlements_waiting: self.parked_pending() as u64,
             bans_replicated: self.bans_replicated.load(Ordering::Relaxed),
         }
     }

@@ -22,15 +22,25 @@
 //! Script answers are numbers (integer replies).
 use redis::Script;
 
-/// Admits a request against every level at once, or refuses it and changes nothing.
+/// Admits a request against every level at once, or refuses it and changes nothing of its own
+/// (the settlements it carries are applied either way).
 ///
 /// ARGV: levels, lease id, lease ms, tokens reserved, least tokens needed, monthly limit
 /// (0: none), when the month's counter may go (unix ms); then per level: requests/minute,
-/// requests/day, tokens/minute, max concurrent (0: none).
+/// requests/day, tokens/minute, max concurrent (0: none); then the number of settlements
+/// carried, and per settlement: its lease id, tokens reserved, tokens used, monthly delta, and
+/// a mask (bit i-1: it holds a lease at level i; bit i+2: its tokens were charged at level i).
+/// KEYS after the request's record: each carried settlement's record.
+///
+/// A carried settlement is an earlier request of the same tenant, key and model this month,
+/// settled by the node and waiting to ride with this call: the same work as `SETTLE` (record
+/// marked, leases freed, tokens given back, the month's counter moved), in the reads and writes
+/// this admission makes anyway.
 ///
 /// Returns `{0, quota reserved, month used, req limit, req remaining, req reset us, tok limit,
-/// tok remaining, tok reset us}` (limits -1 when none), `{6}` when the request was cancelled
-/// before this ran (a refusal answers first: neither changes anything), or a refusal:
+/// tok remaining, tok reset us, tight}` (limits -1 when none; tight 1 when a level's leases
+/// were over half its cap), `{6}` when the request was cancelled before this ran (a refusal
+/// answers first: neither changes anything), or a refusal:
 /// `{1, level, limit}` concurrency; `{2, used, needed, limit}` monthly quota;
 /// `{3, level, 1|2 (minute|day), limit, retry us}` requests; `{4, level, limit, retry us}`
 /// tokens; `{5, level, limit}` a request larger than the tokens/minute limit.
@@ -43,8 +53,96 @@ local fmt, floor, ceil = string.format, math.floor, math.ceil
 local tokens = ARGV[4] + 0
 local MIN, DAY = 60000000, 86400000000
 
+local month_key = KEYS[2 * n + 1]
+
+-- Settlements this call carries (earlier requests of the same tenant, key and model, this
+-- month): applied whatever this admission's outcome. Their records are marked settled and their
+-- leases freed first; what they give back to each level's tokens/minute bucket (back[i]) and
+-- move the month's counter by (carried) goes in with this admission's own writes, or through
+-- settle_carried when it is refused.
+local back = {0, 0, 0}
+local carried = 0
+local cbase = 8 + 4 * n
+local m = tonumber(ARGV[cbase]) or 0
+if m > 0 then
+  local freed = {{}, {}, {}}
+  for j = 1, m do
+    local a = cbase + 5 * j - 5
+    local rk = KEYS[2 * n + 2 + j]
+    local held = redis.call('GET', rk)
+    if held ~= 'x' and held ~= 's' then
+      redis.call('SET', rk, 's', 'PX', ARGV[3])
+      local give = ARGV[a + 2] - ARGV[a + 3]
+      carried = carried + ARGV[a + 4]
+      -- Bit i-1: leases held at level i; bit i+2: tokens charged there.
+      local mask = ARGV[a + 5] + 0
+      for i = 1, 3 do
+        if mask % 2 == 1 then local f = freed[i]; f[#f + 1] = ARGV[a + 1] end
+        mask = floor(mask / 2)
+      end
+      for i = 1, 3 do
+        if mask % 2 == 1 then back[i] = back[i] + give end
+        mask = floor(mask / 2)
+      end
+    end
+  end
+  for i = 1, n do
+    if #freed[i] > 0 then redis.call('ZREM', KEYS[2 * i], unpack(freed[i])) end
+  end
+end
+
+-- A token refund (or charge, below zero) in a level's tokens/minute arrival time.
+local function give_back(tat, give, limit)
+  if give > 0 then return math.max(tat - ceil(give * MIN / limit), now) end
+  return math.max(tat, now) + ceil(-give * MIN / limit)
+end
+
+-- The carried settlements' refunds and the month's move, when this admission writes nothing.
+local function settle_carried()
+  for i = 1, n do
+    local tpm = ARGV[6 + 4 * i]
+    if back[i] ~= 0 and tpm ~= '0' then
+      local bucket = KEYS[2 * i - 1]
+      local h = redis.call('HMGET', bucket, 't', 'tl', 'e')
+      local tat = (h[1] or 0) + 0
+      if back[i] < 0 or tat > now then
+        local limit = tpm + 0
+        if tat > now and h[2] and h[2] ~= tpm then
+          local old = h[2] + 0
+          if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
+        end
+        tat = give_back(tat, back[i], limit)
+        local due = now_ms + ceil((tat - now) / 1000) + 1000
+        if (h[3] or 0) + 0 < due then
+          local until_ = fmt('%d', due + 1000)
+          redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm, 'e', until_)
+          if redis.call('PEXPIREAT', bucket, until_, 'NX') == 0 then
+            redis.call('PEXPIREAT', bucket, until_, 'GT')
+          end
+        else
+          redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm)
+        end
+      end
+    end
+  end
+  if carried ~= 0 then
+    local used = redis.call('INCRBY', month_key, fmt('%d', carried))
+    if used < 0 then
+      redis.call('SET', month_key, '0')
+      redis.call('PEXPIREAT', month_key, ARGV[7])
+    elseif used == carried then
+      redis.call('PEXPIREAT', month_key, ARGV[7])
+    end
+  end
+end
+local function refuse(answer)
+  if m > 0 then settle_carried() end
+  return answer
+end
+
 -- Leases in each level's set, expired ones too unless they could refuse (0: no set yet).
 local held = {false, false, false}
+local tight = 0
 for i = 1, n do
   local maxc = ARGV[7 + 4 * i]
   if maxc ~= '0' then
@@ -52,20 +150,21 @@ for i = 1, n do
     local c = redis.call('ZCARD', KEYS[2 * i])
     if c >= maxc then
       c = c - redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', now_ms)
-      if c >= maxc then return {1, i, maxc} end
+      if c >= maxc then return refuse({1, i, maxc}) end
     end
     held[i] = c
+    -- Over half full: this request's settlement should free its slot at once.
+    if 2 * (c + 1) > maxc then tight = 1 end
   end
 end
 
-local month_key = KEYS[2 * n + 1]
 local quota_reserved = tokens
 if ARGV[6] ~= '0' then
   local monthly = ARGV[6] + 0
-  local used = (redis.call('GET', month_key) or 0) + 0
+  local used = math.max((redis.call('GET', month_key) or 0) + carried, 0)
   local need = math.max(ARGV[5] + 0, 1)
   local left = monthly - used
-  if left < need then return {2, used, need, monthly} end
+  if left < need then return refuse({2, used, need, monthly}) end
   quota_reserved = math.min(tokens, left)
 end
 
@@ -94,7 +193,7 @@ for i = 1, n do
       if tat < now then tat = now end
       tat = tat + ceil(1 * MIN / limit)
       horizon = tat - now
-      if horizon > MIN then return {3, i, 1, limit, horizon - MIN} end
+      if horizon > MIN then return refuse({3, i, 1, limit, horizon - MIN}) end
       st[b + 1] = tat
       local rem = floor((MIN - horizon) * limit / MIN)
       if rr < 0 or rem < rr then rl, rr, rs = limit, rem, horizon end
@@ -109,22 +208,23 @@ for i = 1, n do
       if tat < now then tat = now end
       tat = tat + ceil(1 * DAY / limit)
       local ahead = tat - now
-      if ahead > DAY then return {3, i, 2, limit, ahead - DAY} end
+      if ahead > DAY then return refuse({3, i, 2, limit, ahead - DAY}) end
       st[b + 2] = tat
       if ahead > horizon then horizon = ahead end
     end
     if tpm ~= '0' then
       local limit = tpm + 0
-      if tokens > limit then return {5, i, limit} end
+      if tokens > limit then return refuse({5, i, limit}) end
       local tat = (h[5] or 0) + 0
       if tat > now and h[6] and h[6] ~= tpm then
         local old = h[6] + 0
         if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
       end
+      if back[i] ~= 0 then tat = give_back(tat, back[i], limit) end
       if tat < now then tat = now end
       tat = tat + ceil(tokens * MIN / limit)
       local ahead = tat - now
-      if ahead > MIN then return {4, i, limit, ahead - MIN} end
+      if ahead > MIN then return refuse({4, i, limit, ahead - MIN}) end
       st[b + 3] = tat
       if ahead > horizon then horizon = ahead end
       local rem = floor((MIN - ahead) * limit / MIN)
@@ -139,7 +239,7 @@ end
 -- after the checks, so that a refusal writes nothing (and answers before {6} would).
 local record = KEYS[2 * n + 2]
 local reserved_s = quota_reserved == tokens and ARGV[4] or fmt('%d', quota_reserved)
-if not redis.call('SET', record, reserved_s, 'PX', ARGV[3], 'NX') then return {6} end
+if not redis.call('SET', record, reserved_s, 'PX', ARGV[3], 'NX') then return refuse({6}) end
 
 local lease_ms = ARGV[3] + 0
 local lease_at, lease_until
@@ -206,10 +306,19 @@ for i = 1, n do
   end
 end
 
-local month_used = redis.call('INCRBY', month_key, reserved_s)
--- It was 0 or none: a counter just made gets its expiry (one that was there has it).
-if month_used == quota_reserved then redis.call('PEXPIREAT', month_key, ARGV[7]) end
-return {0, quota_reserved, month_used, rl, rr, rs, tl, tr, ts}
+local inc = quota_reserved + carried
+local month_used = redis.call('INCRBY', month_key, carried == 0 and reserved_s or fmt('%d', inc))
+if month_used < quota_reserved then
+  -- Below this reservation only when the counter was lost (a Redis restarted empty) with
+  -- carried requests in flight: what they gave back was never in it.
+  redis.call('SET', month_key, reserved_s)
+  redis.call('PEXPIREAT', month_key, ARGV[7])
+  month_used = quota_reserved
+elseif month_used == inc then
+  -- It was 0 or none: a counter just made gets its expiry (one that was there has it).
+  redis.call('PEXPIREAT', month_key, ARGV[7])
+end
+return {0, quota_reserved, month_used, rl, rr, rs, tl, tr, ts, tight}
 "#;
 
 /// Settles a request: frees its concurrency leases, gives back (or charges) the tokens it
