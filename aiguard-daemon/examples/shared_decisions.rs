@@ -8,16 +8,18 @@
 //!
 //! Every request is a full decision as the gateway makes it: an admission (tenant and key
 //! levels with every limit set, never refused; a token reservation; the monthly quota), then
-//! its settlement. Every mode times the same two things, apart:
-//! - the admission, from its call to its answer: what a decision adds to a request's latency
-//!   (the gateway forwards the request only then);
-//! - the settlement, from its call to its answer: the gateway runs it after the response, off
-//!   the request path, but its cost is in the throughput.
+//! its settlement, handed over as the gateway does after the response: in the background,
+//! riding with the next admission of the same tenant and key when one comes within
+//! `store.settle_delay`, else alone. Requests go round-robin over `--tenants` tenants of one
+//! key each. The admission is timed from its call to its answer: what a decision adds to a
+//! request's latency (the gateway forwards the request only then).
 //!
-//! A decision counts when both succeeded; failed admissions, refusals, failed settlements (and,
-//! in the fixed-rate mode, requests still unanswered at the end) are counted apart, and the
-//! first error's message is kept. The first `--warmup` seconds (connecting, loading the
-//! scripts, first allocations) are not counted.
+//! A decision counts when it was admitted; failed admissions, refusals (and, in the fixed-rate
+//! mode, requests still unanswered at the end) are counted apart, and the first error's message
+//! is kept. At the end every settlement still waiting is written, and Redis's month counters
+//! must hold exactly what the admitted requests used: each request's worth missing (or extra)
+//! is a settlement error. The first `--warmup` seconds (connecting, loading the scripts, first
+//! allocations) are not counted.
 //!
 //! - `memory`: the in-memory limiter, one decision after another;
 //! - `sequential`: Redis without pipelining: one request at a time (admission, then its
@@ -53,7 +55,11 @@ use nix::sys::{
     timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags},
 };
 use serde::Serialize;
-use tokio::{io::unix::AsyncFd, task::JoinSet};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::watch,
+    task::{JoinHandle, JoinSet},
+};
 
 /// Tokens each request reserves, then reports as used.
 const RESERVED: u64 = 120;
@@ -136,6 +142,8 @@ struct Work {
     policy: TenantPolicy,
     month: u32,
     month_left: Duration,
+    /// Requests admitted in the whole run, warm-up included: what the month counters hold.
+    admitted: AtomicU64,
 }
 
 impl Work {
@@ -147,6 +155,7 @@ impl Work {
             policy: policy(),
             month: today.month_index(),
             month_left: today.month_left(),
+            admitted: AtomicU64::new(0),
         }
     }
 
@@ -154,7 +163,7 @@ impl Work {
         let n = self.tenants.len();
         Demand {
             tenant: &self.tenants[i % n],
-            key: &self.keys[(i / n + i) % n],
+            key: &self.keys[i % n],
             policy: &self.policy,
             model: None,
             tokens: RESERVED,
@@ -214,10 +223,8 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 
 /// How one request went.
 enum Outcome {
-    /// Admitted and settled.
-    Decided { admit_ns: u64, settle_ns: u64 },
-    /// Admitted; the settlement failed.
-    SettleFailed { admit_ns: u64, error: String },
+    /// Admitted (and its settlement handed over).
+    Decided { admit_ns: u64 },
     /// Refused (the limits are set so that none is).
     Refused,
     /// Redis did not decide.
@@ -227,32 +234,20 @@ enum Outcome {
 /// The counted requests of a run.
 #[derive(Default)]
 struct Tally {
-    /// Admission latency of every admitted request (settled or not).
+    /// Admission latency of every admitted request.
     admit_ns: Vec<u64>,
-    settle_ns: Vec<u64>,
     decisions: u64,
     admit_errors: u64,
     refused: u64,
-    settle_errors: u64,
     first_error: Option<String>,
 }
 
 impl Tally {
     fn add(&mut self, outcome: Outcome) {
         match outcome {
-            Outcome::Decided {
-                admit_ns,
-                settle_ns,
-            } => {
+            Outcome::Decided { admit_ns } => {
                 self.decisions += 1;
                 self.admit_ns.push(admit_ns);
-                self.settle_ns.push(settle_ns);
-            }
-            Outcome::SettleFailed { admit_ns, error } => {
-                self.settle_errors += 1;
-                self.admit_ns.push(admit_ns);
-                self.first_error
-                    .get_or_insert(format!("settlement: {error}"));
             }
             Outcome::Refused => {
                 self.refused += 1;
@@ -269,18 +264,16 @@ impl Tally {
 
     fn merge(&mut self, other: Tally) {
         self.admit_ns.extend(other.admit_ns);
-        self.settle_ns.extend(other.settle_ns);
         self.decisions += other.decisions;
         self.admit_errors += other.admit_errors;
         self.refused += other.refused;
-        self.settle_errors += other.settle_errors;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
     }
 
     fn requests(&self) -> u64 {
-        self.decisions + self.admit_errors + self.refused + self.settle_errors
+        self.decisions + self.admit_errors + self.refused
     }
 }
 
@@ -295,18 +288,20 @@ struct Report {
     seconds: f64,
     /// Requests started in the window.
     requests: u64,
-    /// Of those, admitted and settled.
+    /// Of those, admitted.
     decisions: u64,
     decisions_per_s: f64,
     admit_errors: u64,
     refused: u64,
+    /// Requests' worth of tokens missing from (or extra in) Redis's month counters at the end.
     settle_errors: u64,
+    /// Of the run's settlements (warm-up included), the share that rode with an admission.
+    carried: Option<f64>,
     /// Fixed rate: requests still unanswered `DRAIN_TIMEOUT` after the last was due.
     unfinished: u64,
     first_error: Option<String>,
     /// Admission latency: what a decision adds to a request.
     admit: Option<Percentiles>,
-    settle: Option<Percentiles>,
     /// Fixed rate: how late each counted request was sent (sent - due).
     lag: Option<Percentiles>,
     /// Fixed rate: decisions over the window; the requested rate when the node kept up.
@@ -325,6 +320,15 @@ struct Run {
     requests_total: u64,
     lag_ns: Option<Vec<u64>>,
     unfinished: u64,
+    settled: Option<Settled>,
+}
+
+/// How a run's settlements went, checked once every one was written.
+struct Settled {
+    carried_share: f64,
+    /// Requests' worth of tokens the month counters miss (or hold extra).
+    wrong: u64,
+    error: Option<String>,
 }
 
 impl Run {
@@ -332,6 +336,10 @@ impl Run {
         let seconds = self.window_ns.max(1) as f64 / 1e9;
         let decisions_per_s = self.tally.decisions as f64 / seconds;
         let unfinished = self.unfinished;
+        let settled = self.settled.take();
+        if let Some(e) = settled.as_ref().and_then(|s| s.error.clone()) {
+            self.tally.first_error.get_or_insert(e);
+        }
         Report {
             mode: mode.to_owned(),
             rate,
@@ -341,7 +349,8 @@ impl Run {
             decisions_per_s,
             admit_errors: self.tally.admit_errors,
             refused: self.tally.refused,
-            settle_errors: self.tally.settle_errors,
+            settle_errors: settled.as_ref().map_or(0, |s| s.wrong),
+            carried: settled.as_ref().map(|s| s.carried_share),
             unfinished,
             first_error: self
                 .tally
@@ -349,7 +358,6 @@ impl Run {
                 .take()
                 .or_else(|| (unfinished > 0).then(|| format!("{unfinished} requests unanswered"))),
             admit: Percentiles::of(&mut self.tally.admit_ns),
-            settle: Percentiles::of(&mut self.tally.settle_ns),
             lag: self.lag_ns.as_mut().and_then(|l| Percentiles::of(l)),
             achieved_rate: rate.map(|_| decisions_per_s),
             node_cpu_us_per_request: self.cpu_secs * 1e6
@@ -377,12 +385,8 @@ fn memory(a: &Args) -> Run {
             Ok(admission) => {
                 let t1 = now_ns();
                 admission.settle(USED);
-                let t2 = now_ns();
-                last_ns = t2;
-                Outcome::Decided {
-                    admit_ns: t1 - t0,
-                    settle_ns: t2 - t1,
-                }
+                last_ns = now_ns();
+                Outcome::Decided { admit_ns: t1 - t0 }
             }
             Err(_) => {
                 last_ns = now_ns();
@@ -404,12 +408,16 @@ fn memory(a: &Args) -> Run {
         requests_total: i as u64,
         lag_ns: None,
         unfinished: 0,
+        settled: None,
     }
 }
 
-/// A node's shared store, over an embedded store in a directory of its own that goes with it.
+/// A node's shared store, over an embedded store in a directory of its own that goes with it,
+/// with its maintenance loop (which sends the settlements no admission carried).
 struct Node {
     shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    maintain: JoinHandle<()>,
     /// Declared after `shared`, so the store is closed before its directory is removed.
     _dir: tempfile::TempDir,
 }
@@ -427,28 +435,62 @@ impl Node {
         };
         let shared = Shared::open(&settings, store).await.expect("shared store");
         assert!(shared.health.is_up(), "Redis at {url} does not answer");
-        Self { shared, _dir: dir }
+        let (shutdown, rx) = watch::channel(false);
+        let maintain = tokio::spawn(shared.clone().maintain(rx));
+        Self {
+            shared,
+            shutdown,
+            maintain,
+            _dir: dir,
+        }
+    }
+
+    /// Shuts the node down as the daemon does (every settlement still waiting is written),
+    /// then checks Redis's month counters against what the admitted requests used.
+    async fn finish(self, work: &Work) -> Settled {
+        self.shutdown.send_replace(true);
+        self.maintain.await.expect("the maintenance loop panicked");
+        let status = self.shared.status();
+        let admitted = work.admitted.load(Ordering::Relaxed);
+        // This month's counters: a run across the end of a month would be misread.
+        let today = Today::now();
+        let mut counted: u64 = 0;
+        let mut error = (status.retries_pending > 0)
+            .then(|| format!("{} settlements not written", status.retries_pending));
+        for tenant in &work.tenants {
+            match self.shared.month_used(tenant, &today).await {
+                Ok(used) => counted += used,
+                Err(e) => {
+                    error.get_or_insert(format!("reading {tenant}'s month counter: {e}"));
+                }
+            }
+        }
+        let expected = admitted * USED;
+        let wrong = expected.abs_diff(counted).div_ceil(USED);
+        if wrong > 0 {
+            error.get_or_insert(format!(
+                "settlement: the month counters hold {counted} tokens, the {admitted} \
+                 admitted requests used {expected}"
+            ));
+        }
+        Settled {
+            carried_share: status.settlements_carried as f64 / admitted.max(1) as f64,
+            wrong,
+            error,
+        }
     }
 }
 
-/// One request against Redis, as the gateway makes it: admission, then settlement.
-async fn decide(shared: &Arc<Shared>, demand: &Demand<'_>) -> Outcome {
+/// One request against Redis, as the gateway makes it: admission, then its settlement handed
+/// over.
+async fn decide(shared: &Arc<Shared>, work: &Work, i: usize) -> Outcome {
     let t0 = now_ns();
-    match shared.admit(demand).await {
+    match shared.admit(&work.demand(i)).await {
         Ok(Ok(admission)) => {
             let t1 = now_ns();
-            let settled = admission.settle_and_wait(USED).await;
-            let t2 = now_ns();
-            match settled {
-                Ok(()) => Outcome::Decided {
-                    admit_ns: t1 - t0,
-                    settle_ns: t2 - t1,
-                },
-                Err(e) => Outcome::SettleFailed {
-                    admit_ns: t1 - t0,
-                    error: e.to_string(),
-                },
-            }
+            work.admitted.fetch_add(1, Ordering::Relaxed);
+            admission.settle(USED);
+            Outcome::Decided { admit_ns: t1 - t0 }
         }
         Ok(Err(_)) => Outcome::Refused,
         Err(e) => Outcome::AdmitFailed {
@@ -478,7 +520,7 @@ async fn closed_loop(a: &Args, tasks: usize) -> Run {
                     break;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let outcome = decide(&shared, &work.demand(i)).await;
+                let outcome = decide(&shared, &work, i).await;
                 if started >= window_start {
                     first_ns = first_ns.min(started);
                     last_ns = now_ns();
@@ -500,6 +542,7 @@ async fn closed_loop(a: &Args, tasks: usize) -> Run {
         last_ns = last_ns.max(last);
     }
     let cpu_secs = process_cpu_secs() - cpu_start;
+    let settled = node.finish(&work).await;
     Run {
         tally,
         window_ns: last_ns.saturating_sub(first_ns),
@@ -507,6 +550,7 @@ async fn closed_loop(a: &Args, tasks: usize) -> Run {
         requests_total: next.load(Ordering::Relaxed),
         lag_ns: None,
         unfinished: 0,
+        settled: Some(settled),
     }
 }
 
@@ -558,7 +602,7 @@ async fn fixed_rate(a: &Args) -> Run {
                 // Sent now: the admission is timed from here, the wait for it was the
                 // generator's.
                 let sent_ns = now_ns();
-                let outcome = decide(&shared, &work.demand(i as usize)).await;
+                let outcome = decide(&shared, &work, i as usize).await;
                 Paced {
                     counted,
                     lag_ns: sent_ns.saturating_sub(due_ns),
@@ -592,6 +636,7 @@ async fn fixed_rate(a: &Args) -> Run {
     } else {
         0
     };
+    let settled = node.finish(&work).await;
     Run {
         tally,
         window_ns: last_ns.saturating_sub(first_counted_due),
@@ -599,6 +644,7 @@ async fn fixed_rate(a: &Args) -> Run {
         requests_total: total,
         lag_ns: Some(lags),
         unfinished,
+        settled: Some(settled),
     }
 }
 

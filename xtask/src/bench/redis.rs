@@ -11,11 +11,13 @@
 //!   latency is what a decision adds when the node is offered that load. 20,000/s, the target,
 //!   by default: the latency target is judged there.
 //!
-//! Every mode measures the same things: decisions/s (requests admitted and settled; failures
-//! counted apart and shown), the admission's latency (what a request waits for before it is
-//! forwarded; at a fixed rate from the instant it was sent, the generator's lateness apart),
-//! the settlement's (off the request path in the gateway), and CPU time per request of the
-//! node and of redis-server.
+//! Every mode measures the same things: decisions/s (requests admitted, their settlements
+//! handed over as the gateway does; failures counted apart and shown), the admission's latency
+//! (what a request waits for before it is forwarded; at a fixed rate from the instant it was
+//! sent, the generator's lateness apart), the share of settlements that rode with the next
+//! admission of their tenant and key instead of a call of their own, and CPU time per request
+//! of the node and of redis-server. Each run ends by checking that Redis's month counters hold
+//! exactly the tokens its requests used.
 //!
 //! redis-server runs pinned to one CPU, the node to the other; both on loopback, so the
 //! figures are Redis's and the node's costs without a network's round trip (add the
@@ -142,7 +144,9 @@ struct Sample {
     unfinished: u64,
     first_error: Option<String>,
     admit: Option<Percentiles>,
-    settle: Option<Percentiles>,
+    /// Of the run's settlements, the share that rode with an admission.
+    #[serde(default)]
+    carried: Option<f64>,
     lag: Option<Percentiles>,
     achieved_rate: Option<f64>,
     node_cpu_us_per_request: f64,
@@ -179,8 +183,7 @@ struct ModeFigures {
     admit_p50_us: Option<f64>,
     admit_p99_us: Option<f64>,
     admit_p99_us_max: Option<f64>,
-    settle_p50_us: Option<f64>,
-    settle_p99_us: Option<f64>,
+    carried: Option<f64>,
     node_cpu_us_per_request: f64,
     redis_cpu_us_per_request: Option<f64>,
     achieved_rate: Option<f64>,
@@ -223,8 +226,7 @@ impl ModeFigures {
                 .iter()
                 .filter_map(|s| s.admit.as_ref().map(|p| p.p99_us))
                 .reduce(f64::max),
-            settle_p50_us: pick(&|s| s.settle.as_ref().map(|p| p.p50_us)),
-            settle_p99_us: pick(&|s| s.settle.as_ref().map(|p| p.p99_us)),
+            carried: pick(&|s| s.carried),
             node_cpu_us_per_request: median(
                 &samples
                     .iter()
@@ -670,12 +672,12 @@ fn progress_line(s: &Sample) -> String {
         p.as_ref().map_or_else(|| "–".into(), |p| us(f(p)))
     };
     let mut line = format!(
-        "{:<12} {:>9.0} decisions/s  admit p50 {:>9} p99 {:>9}  settle p99 {:>9}  node {:.1} us/request",
+        "{:<12} {:>9.0} decisions/s  admit p50 {:>9} p99 {:>9}  carried {:>4}  node {:.1} us/request",
         s.mode,
         s.decisions_per_s,
         p(&s.admit, |p| p.p50_us),
         p(&s.admit, |p| p.p99_us),
-        p(&s.settle, |p| p.p99_us),
+        share(s.carried),
         s.node_cpu_us_per_request,
     );
     if let Some(lag) = &s.lag {
@@ -721,21 +723,20 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "| mode | decisions/s (min–max) | p50 added latency | p99 added latency | settlement p50 / p99 | node CPU / request | Redis CPU / request | others' share of node / Redis CPU | errors |"
+        "| mode | decisions/s (min–max) | p50 added latency | p99 added latency | settlements carried | node CPU / request | Redis CPU / request | others' share of node / Redis CPU | errors |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for f in &r.modes {
         let _ = writeln!(
             out,
-            "| {} | {} ({}–{}) | {} | {} | {} / {} | {} | {} | {:.0}% / {} | {} |",
+            "| {} | {} ({}–{}) | {} | {} | {} | {} | {} | {:.0}% / {} | {} |",
             f.label,
             thousands(f.decisions_per_s),
             thousands(f.decisions_per_s_min),
             thousands(f.decisions_per_s_max),
             opt(f.admit_p50_us),
             opt(f.admit_p99_us),
-            opt(f.settle_p50_us),
-            opt(f.settle_p99_us),
+            share(f.carried),
             us(f.node_cpu_us_per_request),
             opt(f.redis_cpu_us_per_request),
             f.node_cpu_foreign * 100.0,
@@ -747,14 +748,18 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(
         out,
         "\nA decision is a request admitted (tenant and key levels, a token reservation, the \
-         monthly quota) and then settled. Added latency is the admission's: what a request \
-         waits for before it is forwarded; the settlement runs after the response. Pipelined, \
+         monthly quota) and then settled, over {} tenants of one key each in turn. Added latency \
+         is the admission's: what a request waits for before it is forwarded; the settlement \
+         runs after the response, riding with the next admission of its tenant and key when one \
+         comes within `store.settle_delay` (carried: the share that did), else alone. Each run \
+         ends with every settlement written and Redis's month counters checked against the \
+         tokens used: a request's worth missing or extra is a settlement error. Pipelined, \
          {} requests wait in turn (closed loop), so its latency is mostly queueing; at a fixed \
          rate (open loop) each admission is timed from the instant it was sent, and the node's \
          CPU includes the generator's pacing. Redis CPU is redis-server's per request (both \
          scripts, reading and answering included). Others' share: what other processes on the \
          machine took of each CPU during the run.\n",
-        r.concurrency
+        r.tenants, r.concurrency
     );
     for s in &r.scripts {
         let _ = writeln!(
@@ -815,6 +820,11 @@ fn markdown(r: &Report) -> String {
         );
     }
     out
+}
+
+/// A share as a percentage, "–" when there is none.
+fn share(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".into(), |v| format!("{:.0}%", v * 100.0))
 }
 
 /// Microseconds, in ms from 1 ms on, in s from 1 s on.
@@ -940,7 +950,7 @@ mod tests {
                 p99_us,
                 max_us: p99_us * 2.0,
             }),
-            settle: None,
+            carried: None,
             lag: None,
             achieved_rate: Some(20_000.0),
             node_cpu_us_per_request: 20.0,
