@@ -57,7 +57,9 @@ local month_key = KEYS[2 * n + 1]
 
 -- Settlements this call carries (earlier requests of the same tenant, key and model, this
 -- month): applied whatever this admission's outcome. Their records are marked settled and their
--- leases freed first; what they give back to each level's tokens/minute bucket (back[i]) and
+-- leases freed first (expired in place, as SETTLE does: the set lives on for this lease instead
+-- of being deleted and made anew, and the check below sweeps them when they could refuse); what
+-- they give back to each level's tokens/minute bucket (back[i]) and
 -- move the month's counter by (carried) goes in with this admission's own writes, or through
 -- settle_carried when it is refused.
 local back = {0, 0, 0}
@@ -77,7 +79,7 @@ if m > 0 then
       -- Bit i-1: leases held at level i; bit i+2: tokens charged there.
       local mask = ARGV[a + 5] + 0
       for i = 1, 3 do
-        if mask % 2 == 1 then local f = freed[i]; f[#f + 1] = ARGV[a + 1] end
+        if mask % 2 == 1 then local f = freed[i]; f[#f + 1] = '0'; f[#f + 1] = ARGV[a + 1] end
         mask = floor(mask / 2)
       end
       for i = 1, 3 do
@@ -87,7 +89,7 @@ if m > 0 then
     end
   end
   for i = 1, n do
-    if #freed[i] > 0 then redis.call('ZREM', KEYS[2 * i], unpack(freed[i])) end
+    if #freed[i] > 0 then redis.call('ZADD', KEYS[2 * i], 'XX', unpack(freed[i])) end
   end
 end
 
