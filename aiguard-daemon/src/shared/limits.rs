@@ -44,8 +44,6 @@ pub struct SharedAdmission {
     quota: QuotaEnforcement,
     pub headers: RateHeaders,
     settled: bool,
-    /// Its levels' and month's keys: what a later admission must share to carry its settlement.
-    ride: String,
     /// A level's leases were over half its cap at admission: its settlement frees the slot at
     /// once instead of waiting to ride.
     tight: bool,
@@ -88,8 +86,8 @@ impl Shared {
             keys.push(self.tenant_key(d.tenant, &format!("c:{name}")));
         }
         keys.push(self.month_key(d.tenant, &month));
-        let ride = keys.join("\n");
-        let carried = self.take_parked(&ride);
+        // Parked under these keys (its levels' and month's): the settlements it can carry.
+        let carried = self.take_parked(&keys);
         let lease = self.lease_id();
         keys.push(self.tenant_key(d.tenant, &format!("r:{lease}")));
         let gone = super::month_gone_ms(&month).unwrap_or(0);
@@ -249,7 +247,6 @@ impl Shared {
             quota: d.policy.quota,
             headers,
             settled: false,
-            ride,
             tight: reply.get(9) == Some(&1),
         }))
     }
@@ -335,7 +332,7 @@ impl SharedAdmission {
             && !self.shared.settings().settle_delay.is_zero()
             && tokio::runtime::Handle::try_current().is_ok()
         {
-            self.shared.park(std::mem::take(&mut self.ride), call);
+            self.shared.park(call);
             return;
         }
         self.shared.send_settlements(vec![call]);
@@ -478,23 +475,22 @@ impl Shared {
         }
     }
 
-    /// Leaves a settlement for the next admission of the same tenant, key and model (`ride`:
-    /// their keys) to carry, for at most `store.settle_delay`.
-    fn park(&self, ride: String, call: SettleCall) {
-        self.parked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(ride)
-            .or_default()
-            .push(Parked {
-                call,
-                since: Instant::now(),
-            });
+    /// Leaves a settlement for the next admission of the same tenant, key and model to carry,
+    /// for at most `store.settle_delay`; parked under its keys but its record (the last).
+    fn park(&self, call: SettleCall) {
+        let since = Instant::now();
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let ride = &call.keys[..call.keys.len().saturating_sub(1)];
+        if let Some(waiting) = parked.get_mut(ride) {
+            waiting.push(Parked { call, since });
+        } else {
+            parked.insert(ride.to_vec(), vec![Parked { call, since }]);
+        }
     }
 
-    /// The settlements an admission with these keys carries (the oldest, at most
-    /// [`MAX_CARRIED`]).
-    fn take_parked(&self, ride: &str) -> Vec<SettleCall> {
+    /// The settlements an admission with these keys (its levels' and month's) carries (the
+    /// oldest, at most [`MAX_CARRIED`]).
+    fn take_parked(&self, ride: &[String]) -> Vec<SettleCall> {
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         let Some(waiting) = parked.get_mut(ride) else {
             return Vec::new();

@@ -207,8 +207,8 @@ pub struct Shared {
     /// Settlements and cancellations Redis has not taken yet.
     retries: Mutex<Vec<limits::SettleCall>>,
     /// Settlements waiting to ride with the next admission of their tenant, key and model,
-    /// by those keys.
-    parked: Mutex<HashMap<String, Vec<limits::Parked>>>,
+    /// by those levels' and month's keys.
+    parked: Mutex<HashMap<Vec<String>, Vec<limits::Parked>>>,
 }
 
 impl Shared {
@@ -424,14 +424,15 @@ impl Shared {
         let mut tick = tokio::time::interval(self.settings.retry_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Settlements that found no admission to ride with go alone within a quarter of
-        // their delay past it.
+        // their delay past it (none waits when the delay is 0).
+        let parking = !self.settings.settle_delay.is_zero();
         let mut overdue =
             tokio::time::interval((self.settings.settle_delay / 4).max(Duration::from_millis(5)));
         overdue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
-                _ = overdue.tick() => {
+                _ = overdue.tick(), if parking => {
                     let calls = self.take_overdue(false);
                     if !calls.is_empty() {
                         self.send_settlements(calls);

@@ -22,6 +22,65 @@
 //! Script answers are numbers (integer replies).
 use redis::Script;
 
+/// Lua that ADMIT (for the settlements it carries) and SETTLE share: a settlement's tokens
+/// given back to a tokens/minute bucket, and the month's counter moved. It needs `fmt`,
+/// `floor`, `ceil` and `MIN` defined before it.
+macro_rules! settlement_lua {
+    () => {
+        r#"
+-- A token refund (or charge, below zero) in a tokens/minute arrival time at `now` (us).
+local function give_back(tat, give, limit, now)
+  if give > 0 then return math.max(tat - ceil(give * MIN / limit), now) end
+  return math.max(tat, now) + ceil(-give * MIN / limit)
+end
+
+-- Gives `give` tokens back to (below zero: charges them to) the bucket of a level whose
+-- tokens/minute limit is `tpm`. Tokens given back to a bucket that is full (its time passed, or
+-- none) change nothing. Its expiry is renewed as ADMIT renews it: when e falls short of a second
+-- past the arrival time.
+local function give_tokens(bucket, tpm, give, now, now_ms)
+  local h = redis.call('HMGET', bucket, 't', 'tl', 'e')
+  local tat = (h[1] or 0) + 0
+  if give > 0 and tat <= now then return end
+  local limit = tpm + 0
+  if tat > now and h[2] and h[2] ~= tpm then
+    local old = h[2] + 0
+    if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
+  end
+  tat = give_back(tat, give, limit, now)
+  local due = now_ms + ceil((tat - now) / 1000) + 1000
+  if (h[3] or 0) + 0 < due then
+    local until_ = fmt('%d', due + 1000)
+    redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm, 'e', until_)
+    -- NX for a hash just made, GT for one that was there.
+    if redis.call('PEXPIREAT', bucket, until_, 'NX') == 0 then
+      redis.call('PEXPIREAT', bucket, until_, 'GT')
+    end
+  else
+    redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm)
+  end
+end
+
+-- Moves the month's counter by `delta` (`delta_s` as a string); a counter just made gets its
+-- expiry, `gone`. Returns the counter.
+local function move_month(month_key, delta_s, delta, gone)
+  local used = redis.call('INCRBY', month_key, delta_s)
+  if used < 0 then
+    -- Below zero only when the counter was lost (a Redis restarted empty) with requests in
+    -- flight: what they gave back was never in it.
+    redis.call('SET', month_key, '0')
+    redis.call('PEXPIREAT', month_key, gone)
+    return 0
+  elseif used == delta then
+    -- It was 0 or none: a counter just made gets its expiry (one that was there has it).
+    redis.call('PEXPIREAT', month_key, gone)
+  end
+  return used
+end
+"#
+    };
+}
+
 /// Admits a request against every level at once, or refuses it and changes nothing of its own
 /// (the settlements it carries are applied either way).
 ///
@@ -44,7 +103,8 @@ use redis::Script;
 /// `{1, level, limit}` concurrency; `{2, used, needed, limit}` monthly quota;
 /// `{3, level, 1|2 (minute|day), limit, retry us}` requests; `{4, level, limit, retry us}`
 /// tokens; `{5, level, limit}` a request larger than the tokens/minute limit.
-pub const ADMIT: &str = r#"
+pub const ADMIT: &str = concat!(
+    r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local now_ms = math.floor(now / 1000)
@@ -52,7 +112,9 @@ local n = ARGV[1] + 0
 local fmt, floor, ceil = string.format, math.floor, math.ceil
 local tokens = ARGV[4] + 0
 local MIN, DAY = 60000000, 86400000000
-
+"#,
+    settlement_lua!(),
+    r#"
 local month_key = KEYS[2 * n + 1]
 
 -- Settlements this call carries (earlier requests of the same tenant, key and model, this
@@ -93,49 +155,13 @@ if m > 0 then
   end
 end
 
--- A token refund (or charge, below zero) in a level's tokens/minute arrival time.
-local function give_back(tat, give, limit)
-  if give > 0 then return math.max(tat - ceil(give * MIN / limit), now) end
-  return math.max(tat, now) + ceil(-give * MIN / limit)
-end
-
 -- The carried settlements' refunds and the month's move, when this admission writes nothing.
 local function settle_carried()
   for i = 1, n do
     local tpm = ARGV[6 + 4 * i]
-    if back[i] ~= 0 and tpm ~= '0' then
-      local bucket = KEYS[2 * i - 1]
-      local h = redis.call('HMGET', bucket, 't', 'tl', 'e')
-      local tat = (h[1] or 0) + 0
-      if back[i] < 0 or tat > now then
-        local limit = tpm + 0
-        if tat > now and h[2] and h[2] ~= tpm then
-          local old = h[2] + 0
-          if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
-        end
-        tat = give_back(tat, back[i], limit)
-        local due = now_ms + ceil((tat - now) / 1000) + 1000
-        if (h[3] or 0) + 0 < due then
-          local until_ = fmt('%d', due + 1000)
-          redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm, 'e', until_)
-          if redis.call('PEXPIREAT', bucket, until_, 'NX') == 0 then
-            redis.call('PEXPIREAT', bucket, until_, 'GT')
-          end
-        else
-          redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm)
-        end
-      end
-    end
+    if back[i] ~= 0 and tpm ~= '0' then give_tokens(KEYS[2 * i - 1], tpm, back[i], now, now_ms) end
   end
-  if carried ~= 0 then
-    local used = redis.call('INCRBY', month_key, fmt('%d', carried))
-    if used < 0 then
-      redis.call('SET', month_key, '0')
-      redis.call('PEXPIREAT', month_key, ARGV[7])
-    elseif used == carried then
-      redis.call('PEXPIREAT', month_key, ARGV[7])
-    end
-  end
+  if carried ~= 0 then move_month(month_key, fmt('%d', carried), carried, ARGV[7]) end
 end
 local function refuse(answer)
   if m > 0 then settle_carried() end
@@ -222,7 +248,7 @@ for i = 1, n do
         local old = h[6] + 0
         if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
       end
-      if back[i] ~= 0 then tat = give_back(tat, back[i], limit) end
+      if back[i] ~= 0 then tat = give_back(tat, back[i], limit, now) end
       if tat < now then tat = now end
       tat = tat + ceil(tokens * MIN / limit)
       local ahead = tat - now
@@ -321,7 +347,8 @@ elseif month_used == inc then
   redis.call('PEXPIREAT', month_key, ARGV[7])
 end
 return {0, quota_reserved, month_used, rl, rr, rs, tl, tr, ts, tight}
-"#;
+"#
+);
 
 /// Settles a request: frees its concurrency leases, gives back (or charges) the tokens it
 /// did not use (or used beyond its reservation), and moves the monthly counter by the
@@ -339,7 +366,8 @@ return {0, quota_reserved, month_used, rl, rr, rs, tl, tr, ts, tight}
 /// on), record ms, whether a missing record means "never settled" (1) or "cannot tell" (0);
 /// then per level: tokens/minute, max concurrent (0: none).
 /// Returns the month's counter, -1 when there was nothing (left) to do, -2 as above.
-pub const SETTLE: &str = r#"
+pub const SETTLE: &str = concat!(
+    r#"
 local n = ARGV[1] + 0
 local record = KEYS[2 * n + 2]
 local held = redis.call('GET', record)
@@ -355,6 +383,10 @@ if not held then
   if ARGV[9] ~= '1' then return -2 end
 end
 local fmt, floor, ceil = string.format, math.floor, math.ceil
+local MIN = 60000000
+"#,
+    settlement_lua!(),
+    r#"
 local reserved, used, delta, delta_s = ARGV[3] + 0, ARGV[4] + 0, ARGV[5] + 0, ARGV[5]
 if mode == 'cancel' then
   used = 0
@@ -362,7 +394,6 @@ if mode == 'cancel' then
   delta_s = fmt('%d', delta)
 end
 redis.call('SET', record, 's', 'PX', ARGV[8])
-local MIN = 60000000
 local now, now_ms
 for i = 1, n do
   -- Freed by expiring it now (XX: a lease swept already stays gone), so that its set lives on
@@ -370,56 +401,19 @@ for i = 1, n do
   if ARGV[9 + 2 * i] ~= '0' then redis.call('ZADD', KEYS[2 * i], 'XX', '0', ARGV[2]) end
   local tpm = ARGV[8 + 2 * i]
   if tpm ~= '0' and used ~= reserved then
-    local bucket = KEYS[2 * i - 1]
-    local h = redis.call('HMGET', bucket, 't', 'tl', 'e')
     if not now then
       local t = redis.call('TIME')
       now = t[1] * 1000000 + t[2]
       now_ms = floor(now / 1000)
     end
-    local tat = (h[1] or 0) + 0
-    -- Tokens given back to a bucket that is full (its time passed, or none) change nothing.
-    if used > reserved or tat > now then
-      local limit = tpm + 0
-      if tat > now and h[2] and h[2] ~= tpm then
-        local old = h[2] + 0
-        if old ~= 0 and old ~= limit then tat = now + floor((tat - now) * old / limit) end
-      end
-      if used < reserved then
-        tat = math.max(tat - ceil((reserved - used) * MIN / limit), now)
-      else
-        tat = math.max(tat, now) + ceil((used - reserved) * MIN / limit)
-      end
-      -- As in ADMIT: renewed when e falls short of a second past the arrival time.
-      local due = now_ms + ceil((tat - now) / 1000) + 1000
-      if (h[3] or 0) + 0 < due then
-        local until_ = fmt('%d', due + 1000)
-        redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm, 'e', until_)
-        -- NX for a hash just made, GT for one that was there.
-        if redis.call('PEXPIREAT', bucket, until_, 'NX') == 0 then
-          redis.call('PEXPIREAT', bucket, until_, 'GT')
-        end
-      else
-        redis.call('HSET', bucket, 't', fmt('%d', tat), 'tl', tpm)
-      end
-    end
+    give_tokens(KEYS[2 * i - 1], tpm, reserved - used, now, now_ms)
   end
 end
 local month_key = KEYS[2 * n + 1]
 if delta == 0 then return (redis.call('GET', month_key) or 0) + 0 end
-local month_used = redis.call('INCRBY', month_key, delta_s)
-if month_used < 0 then
-  -- Below zero only when the counter was lost (a Redis restarted empty) with requests in
-  -- flight: what they gave back was never in it.
-  redis.call('SET', month_key, '0')
-  redis.call('PEXPIREAT', month_key, ARGV[6])
-  month_used = 0
-elseif month_used == delta then
-  -- It was 0 or none: a counter just made gets its expiry (one that was there has it).
-  redis.call('PEXPIREAT', month_key, ARGV[6])
-end
-return month_used
-"#;
+return move_month(month_key, delta_s, delta, ARGV[6])
+"#
+);
 
 /// Adds usage counted while Redis was out of reach to a tenant's monthly counter, once per
 /// write id (a write retried after a timeout that ran anyway is not counted twice).
